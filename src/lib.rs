@@ -7,3 +7,5 @@
 pub mod config;
 pub mod error;
 pub mod providers;
+pub mod auth;
+pub mod fakes;

@@ -7,6 +7,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
+pub mod apns;
+pub mod fcm;
 pub mod tls;
 
 /// One push app: a device's `appId` selects it.

@@ -1,0 +1,1 @@
+//! JWT verification and the request extractors that carry the authenticated user.
