@@ -37,7 +37,11 @@ impl Secret {
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_empty() { "[unset]" } else { "[redacted]" })
+        f.write_str(if self.0.is_empty() {
+            "[unset]"
+        } else {
+            "[redacted]"
+        })
     }
 }
 
@@ -184,19 +188,27 @@ impl Config {
     /// Checks serde cannot express; each error names its key.
     fn validate(&self) -> Result<(), ConfigError> {
         let url = self.database.url.expose();
-        if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
             return Err(ConfigError(
                 "database.url: must start with sqlite:, postgres:// or postgresql://".into(),
             ));
         }
         if self.database.max_connections == 0 {
-            return Err(ConfigError("database.max_connections: must be at least 1".into()));
+            return Err(ConfigError(
+                "database.max_connections: must be at least 1".into(),
+            ));
         }
         if self.http.body_limit == 0 {
             return Err(ConfigError("http.body_limit: must be at least 1".into()));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log).is_err() {
-            return Err(ConfigError(format!("log: not a valid tracing filter: {:?}", self.log)));
+            return Err(ConfigError(format!(
+                "log: not a valid tracing filter: {:?}",
+                self.log
+            )));
         }
         let mut seen = std::collections::HashSet::new();
         for (i, app) in self.apps.iter().enumerate() {
@@ -204,7 +216,10 @@ impl Config {
                 return Err(ConfigError(format!("apps[{i}].id: must not be empty")));
             }
             if !seen.insert(app.id.as_str()) {
-                return Err(ConfigError(format!("apps[{i}].id: duplicate app id {:?}", app.id)));
+                return Err(ConfigError(format!(
+                    "apps[{i}].id: duplicate app id {:?}",
+                    app.id
+                )));
             }
         }
         Ok(())
@@ -225,7 +240,10 @@ impl Config {
 fn env_key(key: &str) -> String {
     let lower = key.to_ascii_lowercase();
     for section in ENV_SECTIONS {
-        if let Some(rest) = lower.strip_prefix(section).and_then(|r| r.strip_prefix('_')) {
+        if let Some(rest) = lower
+            .strip_prefix(section)
+            .and_then(|r| r.strip_prefix('_'))
+        {
             return format!("{section}.{rest}");
         }
     }
@@ -248,6 +266,7 @@ fn one_line(err: &figment::Error) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
 
@@ -279,7 +298,9 @@ mod tests {
         });
         figment::Jail::expect_with(|jail| {
             jail.create_file("h.toml", "[http]\nbody_limt = 5\n")?;
-            let err = Config::load(Some(Path::new("h.toml"))).unwrap_err().to_string();
+            let err = Config::load(Some(Path::new("h.toml")))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("body_limt"), "{err}");
             Ok(())
         });
@@ -295,7 +316,9 @@ mod tests {
     fn secret_values_never_appear_in_errors() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("h.toml", "[auth]\nhs256_secret = 12345\n")?;
-            let err = Config::load(Some(Path::new("h.toml"))).unwrap_err().to_string();
+            let err = Config::load(Some(Path::new("h.toml")))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("auth.hs256_secret"), "{err}");
             Ok(())
         });

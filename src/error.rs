@@ -64,8 +64,8 @@ pub enum ApiError {
     #[error("{0}")]
     Conflict(String),
     /// 413: body over the configured limit.
-    #[error("request body exceeds {0} bytes")]
-    PayloadTooLarge(usize),
+    #[error("the request body exceeds the configured limit")]
+    PayloadTooLarge,
     /// 415: not `application/json`.
     #[error("{0}")]
     UnsupportedMediaType(String),
@@ -105,7 +105,7 @@ impl ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Conflict(_) => StatusCode::CONFLICT,
-            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Validation(_) | Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -122,7 +122,7 @@ impl ApiError {
             Self::NotFound(_) => "not-found",
             Self::MethodNotAllowed => "method-not-allowed",
             Self::Conflict(_) => "conflict",
-            Self::PayloadTooLarge(_) => "payload-too-large",
+            Self::PayloadTooLarge => "payload-too-large",
             Self::UnsupportedMediaType(_) => "unsupported-media-type",
             Self::Validation(_) | Self::Unprocessable(_) => "validation-failed",
             Self::RateLimited(_) => "rate-limited",
@@ -133,7 +133,12 @@ impl ApiError {
 }
 
 /// Build a problem response with the given status and detail.
-pub fn problem_response(status: StatusCode, slug: &str, detail: Option<String>, errors: Vec<FieldError>) -> Response {
+pub fn problem_response(
+    status: StatusCode,
+    slug: &str,
+    detail: Option<String>,
+    errors: Vec<FieldError>,
+) -> Response {
     let body = Problem {
         kind: format!("https://herald.dev/problems/{slug}"),
         title: status.canonical_reason().unwrap_or("Error").to_string(),

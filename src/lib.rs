@@ -4,8 +4,13 @@
 //! APNs/FCM pushes, live streams and a durable per-user update log they sync on launch.
 #![forbid(unsafe_code)]
 
-pub mod config;
-pub mod error;
-pub mod providers;
+pub mod api;
 pub mod auth;
+pub mod config;
+pub mod devices;
+pub mod error;
 pub mod fakes;
+pub mod providers;
+pub mod server;
+pub mod store;
+pub mod telemetry;

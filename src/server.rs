@@ -1,0 +1,172 @@
+//! Start-up and shutdown of a Herald node: store, migrations, auth, HTTP server.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, AppState};
+use crate::auth::Authenticator;
+use crate::config::{Config, Secret};
+use crate::store::{self, Store};
+
+/// Why a node could not start; each message is one line an operator can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Storage could not be opened or migrated.
+    #[error("database: {0}")]
+    Store(#[from] store::StoreError),
+    /// Authentication is misconfigured.
+    #[error("{0}")]
+    Auth(String),
+    /// The listener failed.
+    #[error("listen: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A running node.
+pub struct Node {
+    /// Where the API listens.
+    pub addr: SocketAddr,
+    /// The store, shared with background tasks.
+    pub store: Arc<dyn Store>,
+    shutdown: CancellationToken,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+impl Node {
+    /// Ask the node to stop (same as SIGTERM).
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Wait for the HTTP server to drain, then close the store.
+    pub async fn wait(self) -> std::io::Result<()> {
+        let result = match self.server.await {
+            Ok(result) => result,
+            Err(join) => Err(std::io::Error::other(join)),
+        };
+        self.store.close().await;
+        result
+    }
+}
+
+/// File holding the development HS256 secret used when no auth key is configured.
+pub const DEV_SECRET_FILE: &str = "herald-dev.secret";
+
+/// When no verification key is configured, fall back to a development secret kept in
+/// `herald-dev.secret` (created once, mode 0600), so `serve` and `token` agree out of the box.
+pub fn with_dev_secret(config: &mut Config, dir: &Path) -> Result<bool, StartError> {
+    let auth = &config.auth;
+    if !auth.hs256_secret.is_empty()
+        || !auth.public_key_file.is_empty()
+        || !auth.jwks_url.is_empty()
+    {
+        return Ok(false);
+    }
+    let path = dir.join(DEV_SECRET_FILE);
+    let secret = match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => s.trim().to_string(),
+        _ => {
+            use base64::Engine as _;
+            let bytes: [u8; 32] = rand::random();
+            let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+            write_private(&path, &secret).map_err(|e| {
+                StartError::Auth(format!("auth: cannot write {}: {e}", path.display()))
+            })?;
+            secret
+        }
+    };
+    config.auth.hs256_secret = Secret::new(secret);
+    Ok(true)
+}
+
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options.open(path)?.write_all(contents.as_bytes())
+}
+
+/// Open the store and apply migrations.
+pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
+    let store = store::connect(&config.database).await?;
+    store.migrate().await?;
+    Ok(store)
+}
+
+/// Start a node on `listener`; it stops when `shutdown` is cancelled.
+pub async fn start(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<Node, StartError> {
+    let store = open_store(&config).await?;
+    let auth = Authenticator::from_config(&config.auth)
+        .await
+        .map_err(|e| StartError::Auth(e.to_string()))?;
+    let state = AppState {
+        store: store.clone(),
+        auth,
+        apps: config.apps.iter().map(|a| a.id.clone()).collect(),
+        metrics: crate::telemetry::metrics_handle(),
+        openapi: Arc::new(api::openapi_json()),
+    };
+    let app = api::router(
+        state,
+        config.http.body_limit,
+        Duration::from_secs(config.http.request_timeout_secs),
+    );
+    let addr = listener.local_addr()?;
+    let grace = Duration::from_secs(config.http.shutdown_grace_secs);
+    let token = shutdown.clone();
+    let server = tokio::spawn(async move {
+        let serve =
+            axum::serve(listener, app).with_graceful_shutdown(token.clone().cancelled_owned());
+        // In-flight requests get the grace period; after that the node stops regardless.
+        tokio::select! {
+            result = serve => result,
+            _ = async { token.cancelled().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!("shutdown grace period elapsed; dropping remaining connections");
+                Ok(())
+            }
+        }
+    });
+    Ok(Node {
+        addr,
+        store,
+        shutdown,
+        server,
+    })
+}
+
+/// Resolve when SIGTERM or Ctrl-C arrives.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
