@@ -16,6 +16,9 @@ pub const DEFAULT_TOML: &str = include_str!("default.toml");
 /// Sections whose keys may be set as `HERALD_<SECTION>_<KEY>`.
 const ENV_SECTIONS: &[&str] = &["database", "http", "auth", "webhooks", "queue", "dispatch"];
 
+/// Top-level keys settable as `HERALD_<KEY>`.
+const TOP_LEVEL_KEYS: &[&str] = &["listen", "log", "log_format"];
+
 /// A string that never prints itself: Debug and Display show `[redacted]`.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Secret(String);
@@ -169,8 +172,10 @@ impl Config {
             }
             figment = figment.merge(Toml::file(path));
         }
+        // Only keys that name a top-level setting or a section are configuration; other HERALD_*
+        // variables (HERALD_CONFIG, HERALD_TEST_DATABASE_URL) belong to other tools.
         let env = env
-            .ignore(&["config"])
+            .filter(|key| is_config_key(key.as_str()))
             .map(|key| env_key(key.as_str()).into());
         let config: Config = figment
             .merge(env)
@@ -236,6 +241,15 @@ impl Config {
     }
 }
 
+/// Whether `HERALD_<key>` addresses this configuration.
+fn is_config_key(key: &str) -> bool {
+    let lower = key.to_ascii_lowercase();
+    TOP_LEVEL_KEYS.contains(&lower.as_str())
+        || ENV_SECTIONS
+            .iter()
+            .any(|s| lower.strip_prefix(s).is_some_and(|r| r.starts_with('_')))
+}
+
 /// Map `DATABASE_URL` → `database.url`, `LISTEN` → `listen`, `AUTH_HS256_SECRET` → `auth.hs256_secret`.
 fn env_key(key: &str) -> String {
     let lower = key.to_ascii_lowercase();
@@ -285,6 +299,8 @@ mod tests {
         assert_eq!(env_key("AUTH_HS256_SECRET"), "auth.hs256_secret");
         assert_eq!(env_key("LISTEN"), "listen");
         assert_eq!(env_key("LOG_FORMAT"), "log_format");
+        assert!(is_config_key("DATABASE_URL") && is_config_key("LOG"));
+        assert!(!is_config_key("TEST_DATABASE_URL") && !is_config_key("CONFIG"));
     }
 
     #[test]

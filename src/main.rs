@@ -115,6 +115,7 @@ async fn run(command: Command, mut config: Config) -> Result<(), String> {
                     "no auth key configured: using a development HS256 secret; mint tokens with `herald token`"
                 );
             }
+            let signal = server::shutdown_signal();
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await
                 .map_err(|e| format!("listen: cannot bind {}: {e}", config.listen))?;
@@ -125,7 +126,7 @@ async fn run(command: Command, mut config: Config) -> Result<(), String> {
                 .map_err(|e| e.to_string())?;
             println!("herald listening on http://{} using {database}", node.addr);
             tracing::info!(addr = %node.addr, %database, "herald started");
-            server::shutdown_signal().await;
+            signal.await;
             tracing::info!("shutting down");
             node.shutdown();
             node.wait().await.map_err(|e| e.to_string())?;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::config::DatabaseConfig;
@@ -104,6 +105,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// Delete one of this user's devices; false when it is not theirs or does not exist.
     async fn delete_device(&self, user_id: &str, id: Uuid) -> Result<bool, StoreError>;
+
+    /// Stop targeting a device whose token the provider rejected. With `since` (APNs 410), a
+    /// device re-registered after that moment keeps its status. True when it was invalidated.
+    async fn invalidate_device(
+        &self,
+        id: Uuid,
+        reason: &str,
+        since: Option<DateTime<Utc>>,
+    ) -> Result<bool, StoreError>;
 
     /// Close the pools, waiting for connections to finish.
     async fn close(&self);

@@ -5,7 +5,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use uuid::Uuid;
 
@@ -157,6 +157,22 @@ impl Store for PgStore {
         let done = sqlx::query("DELETE FROM devices WHERE id = $1 AND user_id = $2")
             .bind(id)
             .bind(user_id)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::from_sqlx)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn invalidate_device(
+        &self,
+        id: Uuid,
+        reason: &str,
+        since: Option<DateTime<Utc>>,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(rows::INVALIDATE_DEVICE)
+            .bind(id)
+            .bind(reason)
+            .bind(since)
             .execute(&self.pool)
             .await
             .map_err(StoreError::from_sqlx)?;

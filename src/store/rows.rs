@@ -37,6 +37,10 @@ pub(super) const LIST_DEVICES: &str = concat!(
     " FROM devices WHERE user_id = $1 ORDER BY created_at, id"
 );
 
+/// Invalidate: $1 id, $2 reason, $3 `since` (NULL = unconditional).
+pub(super) const INVALIDATE_DEVICE: &str = "UPDATE devices SET status = 'invalid', invalid_reason = $2 \
+     WHERE id = $1 AND status = 'active' AND ($3 IS NULL OR registered_at <= $3)";
+
 #[derive(Debug, sqlx::FromRow)]
 pub(super) struct DeviceRow {
     id: Uuid,

@@ -5,7 +5,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -148,6 +148,22 @@ impl Store for SqliteStore {
         let done = sqlx::query("DELETE FROM devices WHERE id = $1 AND user_id = $2")
             .bind(id)
             .bind(user_id)
+            .execute(&self.writer)
+            .await
+            .map_err(StoreError::from_sqlx)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn invalidate_device(
+        &self,
+        id: Uuid,
+        reason: &str,
+        since: Option<DateTime<Utc>>,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(rows::INVALIDATE_DEVICE)
+            .bind(id)
+            .bind(reason)
+            .bind(since)
             .execute(&self.writer)
             .await
             .map_err(StoreError::from_sqlx)?;

@@ -1,0 +1,154 @@
+//! Storage conformance: the same cases against SQLite and PostgreSQL.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use common::{Engine, TestDb, apns_token};
+use herald::config::{DatabaseConfig, Secret};
+use herald::devices::{ApnsEnvironment, DeviceStatus, NewDevice, Platform};
+use herald::store::{self, Store};
+
+async fn open(engine: Engine) -> (TestDb, Arc<dyn Store>) {
+    let db = TestDb::new(engine).await;
+    let config = DatabaseConfig {
+        url: Secret::new(db.url.clone()),
+        max_connections: 5,
+        acquire_timeout_secs: 5,
+    };
+    let store = store::connect(&config).await.expect("connect");
+    store.migrate().await.expect("migrate");
+    (db, store)
+}
+
+fn apns(n: u32) -> NewDevice {
+    NewDevice {
+        platform: Platform::Apns,
+        token: apns_token(n),
+        environment: Some(ApnsEnvironment::Sandbox),
+        app_id: "com.example.app".into(),
+        locale: Some("en-US".into()),
+        app_version: Some("1.0".into()),
+    }
+}
+
+async fn migrations_are_idempotent_and_ping_works(engine: Engine) {
+    let (_db, store) = open(engine).await;
+    store.migrate().await.expect("second migrate is a no-op");
+    store.ping().await.expect("ping");
+}
+
+async fn upsert_creates_then_refreshes(engine: Engine) {
+    let (_db, store) = open(engine).await;
+    let first = store.upsert_device("alice", &apns(1)).await.unwrap();
+    assert!(first.created);
+    assert_eq!(first.device.status, DeviceStatus::Active);
+    let mut changed = apns(1);
+    changed.app_version = Some("2.0".into());
+    changed.environment = Some(ApnsEnvironment::Production);
+    let second = store.upsert_device("alice", &changed).await.unwrap();
+    assert!(!second.created);
+    assert_eq!(second.device.id, first.device.id);
+    assert_eq!(second.device.app_version.as_deref(), Some("2.0"));
+    assert_eq!(second.device.environment, Some(ApnsEnvironment::Production));
+    assert_eq!(second.device.created_at, first.device.created_at);
+    assert!(second.device.last_seen_at >= first.device.last_seen_at);
+    assert_eq!(store.list_devices("alice").await.unwrap().len(), 1);
+}
+
+async fn token_moves_between_users(engine: Engine) {
+    let (_db, store) = open(engine).await;
+    let alice = store.upsert_device("alice", &apns(2)).await.unwrap();
+    let bob = store.upsert_device("bob", &apns(2)).await.unwrap();
+    assert!(bob.created);
+    assert_ne!(
+        bob.device.id, alice.device.id,
+        "a moved token is a new device for its new owner"
+    );
+    assert!(store.list_devices("alice").await.unwrap().is_empty());
+    assert_eq!(store.list_devices("bob").await.unwrap().len(), 1);
+}
+
+async fn same_token_on_two_platforms_is_two_devices(engine: Engine) {
+    let (_db, store) = open(engine).await;
+    let mut fcm = apns(3);
+    fcm.platform = Platform::Fcm;
+    fcm.environment = None;
+    store.upsert_device("alice", &apns(3)).await.unwrap();
+    store.upsert_device("alice", &fcm).await.unwrap();
+    assert_eq!(store.list_devices("alice").await.unwrap().len(), 2);
+}
+
+async fn invalidation_and_reactivation(engine: Engine) {
+    let (_db, store) = open(engine).await;
+    let dev = store.upsert_device("alice", &apns(4)).await.unwrap().device;
+    // An APNs 410 stamped before the latest registration does not invalidate.
+    let before = dev.registered_at - chrono::Duration::seconds(5);
+    assert!(
+        !store
+            .invalidate_device(dev.id, "Unregistered", Some(before))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .invalidate_device(dev.id, "Unregistered", Some(Utc::now()))
+            .await
+            .unwrap()
+    );
+    let listed = store.list_devices("alice").await.unwrap();
+    assert_eq!(listed[0].status, DeviceStatus::Invalid);
+    assert_eq!(listed[0].invalid_reason.as_deref(), Some("Unregistered"));
+    let again = store.upsert_device("alice", &apns(4)).await.unwrap();
+    assert!(!again.created);
+    assert_eq!(again.device.status, DeviceStatus::Active);
+    assert_eq!(again.device.invalid_reason, None);
+}
+
+async fn delete_only_own_devices(engine: Engine) {
+    let (_db, store) = open(engine).await;
+    let dev = store.upsert_device("alice", &apns(5)).await.unwrap().device;
+    assert!(!store.delete_device("bob", dev.id).await.unwrap());
+    assert!(
+        !store
+            .delete_device("alice", uuid::Uuid::now_v7())
+            .await
+            .unwrap()
+    );
+    assert!(store.delete_device("alice", dev.id).await.unwrap());
+    assert!(store.list_devices("alice").await.unwrap().is_empty());
+}
+
+async fn concurrent_registrations_of_one_token_make_one_device(engine: Engine) {
+    let (_db, store) = open(engine).await;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store.upsert_device("alice", &apns(6)).await
+        }));
+    }
+    let mut created = 0;
+    for task in tasks {
+        let result = tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        created += usize::from(result.created);
+    }
+    assert_eq!(created, 1, "exactly one registration creates the device");
+    assert_eq!(store.list_devices("alice").await.unwrap().len(), 1);
+}
+
+both_engines!(
+    migrations_are_idempotent_and_ping_works,
+    upsert_creates_then_refreshes,
+    token_moves_between_users,
+    same_token_on_two_platforms_is_two_devices,
+    invalidation_and_reactivation,
+    delete_only_own_devices,
+    concurrent_registrations_of_one_token_make_one_device,
+);
