@@ -8,13 +8,21 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use serde_json::Value;
 use uuid::Uuid;
 
 use crate::config::DatabaseConfig;
 use crate::devices::{Device, NewDevice};
+use crate::jobs::{
+    CancelOutcome, ClaimedJob, CreateOutcome, Job, JobErrorInfo, JobStatus, Lease, NewJob,
+    Notification,
+};
+use crate::updates::Update;
 
-mod postgres;
+#[macro_use]
 mod rows;
+mod postgres;
+mod shared;
 mod sqlite;
 
 pub use postgres::PgStore;
@@ -28,7 +36,7 @@ pub enum StoreError {
     Unavailable(#[source] sqlx::Error),
     /// Any other database error.
     #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(#[source] sqlx::Error),
     /// Migrations could not be applied.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -49,6 +57,12 @@ impl StoreError {
     }
 }
 
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        Self::from_sqlx(err)
+    }
+}
+
 impl From<StoreError> for crate::error::ApiError {
     fn from(err: StoreError) -> Self {
         match err {
@@ -61,6 +75,11 @@ impl From<StoreError> for crate::error::ApiError {
             other => crate::error::ApiError::internal(other),
         }
     }
+}
+
+/// Unique violation (SQLSTATE 23505 on PostgreSQL, extended code 2067 on SQLite).
+pub(crate) fn is_unique_violation(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
 /// Which engine a store runs on.
@@ -114,6 +133,80 @@ pub trait Store: Send + Sync + 'static {
         reason: &str,
         since: Option<DateTime<Utc>>,
     ) -> Result<bool, StoreError>;
+
+    /// Commit a new job (or find the one its idempotency key already made).
+    async fn create_job(&self, job: &NewJob) -> Result<CreateOutcome, StoreError>;
+
+    /// One of this user's jobs.
+    async fn get_job(&self, user_id: &str, id: Uuid) -> Result<Option<Job>, StoreError>;
+
+    /// This user's jobs, newest first, older than `before` when given.
+    async fn list_jobs(
+        &self,
+        user_id: &str,
+        status: Option<JobStatus>,
+        before: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<Job>, StoreError>;
+
+    /// Cancel a pending or processing job, appending `job.canceled`.
+    async fn cancel_job(&self, user_id: &str, id: Uuid) -> Result<CancelOutcome, StoreError>;
+
+    /// Claim up to `max` due jobs of `kinds` in one statement that also sets the lease and
+    /// bumps the attempt; appends `job.processing` for each.
+    async fn claim_jobs(
+        &self,
+        kinds: &[String],
+        max: i64,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<Vec<ClaimedJob>, StoreError>;
+
+    /// Extend a held lease; the new expiry, or `None` when the lease is no longer held.
+    async fn heartbeat_job(
+        &self,
+        lease: &Lease,
+        extend: Duration,
+    ) -> Result<Option<DateTime<Utc>>, StoreError>;
+
+    /// Record progress (0–100) and append `job.processing`; false when the lease is lost.
+    async fn progress_job(
+        &self,
+        lease: &Lease,
+        percent: i32,
+        data: Option<Value>,
+    ) -> Result<bool, StoreError>;
+
+    /// Complete and append `job.completed`; false when the lease is lost.
+    async fn complete_job(
+        &self,
+        lease: &Lease,
+        result: &Value,
+        notification: Option<&Notification>,
+    ) -> Result<bool, StoreError>;
+
+    /// Fail: back to the queue at `retry_at` while attempts remain, else `failed` with
+    /// `job.failed`. False when the lease is lost.
+    async fn fail_job(
+        &self,
+        lease: &Lease,
+        error: &JobErrorInfo,
+        retry_at: Option<DateTime<Utc>>,
+    ) -> Result<bool, StoreError>;
+
+    /// Give a held job back without using up its attempt.
+    async fn release_job(&self, lease: &Lease) -> Result<bool, StoreError>;
+
+    /// Return jobs whose lease ran out to the queue (or fail them when out of attempts).
+    async fn expire_leases(&self) -> Result<u64, StoreError>;
+
+    /// This user's updates after `after`, ascending.
+    async fn list_updates(
+        &self,
+        user_id: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<Update>, StoreError>;
 
     /// Close the pools, waiting for connections to finish.
     async fn close(&self);

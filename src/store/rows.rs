@@ -1,10 +1,14 @@
 //! Row types shared by both engines, decoded with sqlx and converted to domain types.
 
 use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::StoreError;
 use crate::devices::{ApnsEnvironment, Device, DeviceStatus, Platform};
+use crate::jobs::{ClaimedJob, Job, JobErrorInfo, JobStatus, Notification};
+use crate::updates::Update;
 
 /// The `devices` columns, in the order every `SELECT`/`RETURNING` lists them.
 macro_rules! device_columns {
@@ -96,4 +100,211 @@ impl TryFrom<DeviceRow> for Device {
 /// Convert a batch of rows.
 pub(super) fn devices(rows: Vec<DeviceRow>) -> Result<Vec<Device>, StoreError> {
     rows.into_iter().map(Device::try_from).collect()
+}
+
+/// The `jobs` columns the API shows, in the order [`JobRow`] reads them.
+macro_rules! job_columns {
+    () => {
+        "id, user_id, kind, status, progress, attempts, result, error_code, error_message, \
+         created_at, updated_at, completed_at, request_hash"
+    };
+}
+
+/// The fence every lease holder's write carries: $1 id, $2 owner, $3 attempt (NULL = any), and
+/// the lease must not have run out at $4 (now).
+macro_rules! lease_fence {
+    () => {
+        " WHERE id = $1 AND status = 'processing' AND lease_owner = $2 \
+          AND ($3 IS NULL OR attempts = $3) AND lease_expires_at > $4"
+    };
+}
+
+/// Insert a job unless the user already used its idempotency key.
+pub(super) const INSERT_JOB: &str = concat!(
+    "INSERT INTO jobs (id, user_id, kind, input, status, attempts, max_attempts, callback_url, notify, \
+     idempotency_key, request_hash, run_at, created_at, updated_at) \
+     VALUES ($1, $2, $3, $4, 'pending', 0, $5, $6, $7, $8, $9, $10, $10, $10) \
+     ON CONFLICT (user_id, idempotency_key) DO NOTHING RETURNING ",
+    job_columns!()
+);
+/// The job a user created under an idempotency key.
+pub(super) const JOB_BY_KEY: &str = concat!(
+    "SELECT ",
+    job_columns!(),
+    " FROM jobs WHERE user_id = $1 AND idempotency_key = $2"
+);
+/// One of a user's jobs.
+pub(super) const GET_JOB: &str = concat!(
+    "SELECT ",
+    job_columns!(),
+    " FROM jobs WHERE id = $1 AND user_id = $2"
+);
+/// A page of a user's jobs, newest first: $2 status filter, $3 cursor (older than), $4 limit.
+pub(super) const LIST_JOBS: &str = concat!(
+    "SELECT ",
+    job_columns!(),
+    " FROM jobs WHERE user_id = $1 AND ($2 IS NULL OR status = $2) AND ($3 IS NULL OR id < $3) \
+     ORDER BY id DESC LIMIT $4"
+);
+/// Cancel a pending or processing job.
+pub(super) const CANCEL_JOB: &str = concat!(
+    "UPDATE jobs SET status = 'canceled', updated_at = $3, completed_at = $3, lease_owner = NULL, \
+     lease_expires_at = NULL WHERE id = $1 AND user_id = $2 AND status IN ('pending', 'processing') RETURNING ",
+    job_columns!()
+);
+/// Extend a lease: $5 new expiry.
+pub(super) const HEARTBEAT_JOB: &str = concat!(
+    "UPDATE jobs SET lease_expires_at = $5",
+    lease_fence!(),
+    " RETURNING lease_expires_at"
+);
+/// Record progress: $5 percent.
+pub(super) const PROGRESS_JOB: &str = concat!(
+    "UPDATE jobs SET progress = $5, updated_at = $4",
+    lease_fence!(),
+    " RETURNING user_id"
+);
+/// Complete: $5 result.
+pub(super) const COMPLETE_JOB: &str = concat!(
+    "UPDATE jobs SET status = 'completed', result = $5, progress = 100, completed_at = $4, updated_at = $4, \
+     lease_owner = NULL, lease_expires_at = NULL",
+    lease_fence!(),
+    " RETURNING user_id, notify"
+);
+/// Back to the queue for a retry: $5 run_at, $6 code, $7 message.
+pub(super) const RETRY_JOB: &str = concat!(
+    "UPDATE jobs SET status = 'pending', run_at = $5, error_code = $6, error_message = $7, updated_at = $4, \
+     lease_owner = NULL, lease_expires_at = NULL",
+    lease_fence!()
+);
+/// Fail for good: $5 code, $6 message.
+pub(super) const FAIL_JOB: &str = concat!(
+    "UPDATE jobs SET status = 'failed', error_code = $5, error_message = $6, completed_at = $4, updated_at = $4, \
+     lease_owner = NULL, lease_expires_at = NULL",
+    lease_fence!()
+);
+/// Give a job back without using up the attempt (graceful shutdown).
+pub(super) const RELEASE_JOB: &str = concat!(
+    "UPDATE jobs SET status = 'pending', attempts = attempts - 1, run_at = $4, updated_at = $4, \
+     lease_owner = NULL, lease_expires_at = NULL",
+    lease_fence!()
+);
+/// Expired leases with attempts left go back to the queue.
+pub(super) const REQUEUE_EXPIRED: &str = "UPDATE jobs SET status = 'pending', lease_owner = NULL, \
+     lease_expires_at = NULL, run_at = $1, updated_at = $1 \
+     WHERE status = 'processing' AND lease_expires_at <= $1 AND attempts < max_attempts";
+/// Expired leases with no attempts left fail.
+pub(super) const FAIL_EXPIRED: &str = "UPDATE jobs SET status = 'failed', error_code = 'lease_expired', \
+     error_message = 'the worker holding the job stopped answering', completed_at = $1, updated_at = $1, \
+     lease_owner = NULL, lease_expires_at = NULL \
+     WHERE status = 'processing' AND lease_expires_at <= $1 AND attempts >= max_attempts RETURNING id, user_id";
+
+/// Take the user's next seq (the row lock orders appends per user).
+pub(super) const NEXT_SEQ: &str = "INSERT INTO user_seqs (user_id, last_seq) VALUES ($1, 1) \
+     ON CONFLICT (user_id) DO UPDATE SET last_seq = user_seqs.last_seq + 1 RETURNING last_seq";
+/// Append one update.
+pub(super) const INSERT_UPDATE: &str = "INSERT INTO updates (id, user_id, seq, type, tracking_id, status, data, \
+     notification, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+/// A page of a user's log after a seq.
+pub(super) const LIST_UPDATES: &str = "SELECT seq, id, type, tracking_id, status, data, notification, created_at \
+     FROM updates WHERE user_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";
+
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct JobRow {
+    id: Uuid,
+    #[allow(dead_code)]
+    user_id: String,
+    kind: String,
+    status: String,
+    progress: Option<i32>,
+    attempts: i32,
+    result: Option<Json<Value>>,
+    error_code: Option<String>,
+    error_message: Option<String>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    completed_at: Option<DateTime<Utc>>,
+    pub(super) request_hash: Option<String>,
+}
+
+impl TryFrom<JobRow> for Job {
+    type Error = StoreError;
+
+    fn try_from(row: JobRow) -> Result<Self, StoreError> {
+        let status = JobStatus::parse(&row.status)
+            .ok_or_else(|| StoreError::Corrupt(format!("job status {:?}", row.status)))?;
+        // A retried job keeps its last error for the record, but only a failed job shows one.
+        let error = match (status, row.error_code, row.error_message) {
+            (JobStatus::Failed, Some(code), message) => Some(JobErrorInfo {
+                code,
+                message: message.unwrap_or_default(),
+            }),
+            _ => None,
+        };
+        Ok(Job {
+            tracking_id: row.id,
+            kind: row.kind,
+            status,
+            progress: row.progress,
+            attempts: row.attempts,
+            result: row.result.map(|j| j.0),
+            error,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            completed_at: row.completed_at,
+        })
+    }
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct ClaimRow {
+    pub(super) id: Uuid,
+    pub(super) user_id: String,
+    pub(super) kind: String,
+    pub(super) input: Json<Value>,
+    pub(super) attempts: i32,
+    pub(super) max_attempts: i32,
+    pub(super) lease_expires_at: Option<DateTime<Utc>>,
+}
+
+impl ClaimRow {
+    pub(super) fn into_claimed(self, lease_expires_at: DateTime<Utc>) -> ClaimedJob {
+        ClaimedJob {
+            id: self.id,
+            user_id: self.user_id,
+            kind: self.kind,
+            input: self.input.0,
+            attempt: self.attempts,
+            max_attempts: self.max_attempts,
+            lease_expires_at: self.lease_expires_at.unwrap_or(lease_expires_at),
+        }
+    }
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct UpdateRow {
+    seq: i64,
+    id: Uuid,
+    #[sqlx(rename = "type")]
+    kind: String,
+    tracking_id: Option<Uuid>,
+    status: Option<String>,
+    data: Option<Json<Value>>,
+    notification: Option<Json<Notification>>,
+    created_at: DateTime<Utc>,
+}
+
+impl From<UpdateRow> for Update {
+    fn from(row: UpdateRow) -> Self {
+        Update {
+            seq: row.seq,
+            id: row.id,
+            kind: row.kind,
+            tracking_id: row.tracking_id,
+            status: row.status,
+            data: row.data.map(|j| j.0),
+            notification: row.notification.map(|j| j.0),
+            created_at: row.created_at,
+        }
+    }
 }
