@@ -1,5 +1,6 @@
 //! Layered configuration: embedded defaults → optional TOML file → `HERALD_*` environment.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -78,9 +79,53 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Webhook delivery.
     pub webhooks: WebhooksConfig,
+    /// The durable queue and its in-process workers.
+    pub queue: QueueConfig,
+    /// Job kinds by name.
+    pub kinds: BTreeMap<String, KindConfig>,
     /// Push apps: the first is the default `appId`.
     #[serde(default)]
     pub apps: Vec<AppConfig>,
+}
+
+/// `[queue]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    /// In-process jobs run at once.
+    pub concurrency: usize,
+    /// Lease length, seconds.
+    pub lease_secs: u64,
+    /// Fallback poll interval, milliseconds.
+    pub poll_interval_ms: u64,
+    /// Backoff base, milliseconds.
+    pub backoff_base_ms: u64,
+    /// Backoff cap, milliseconds.
+    pub backoff_max_ms: u64,
+    /// Grace period for running jobs on shutdown, seconds.
+    pub shutdown_grace_secs: u64,
+}
+
+/// `[kinds."name"]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KindConfig {
+    /// `echo`, `report.generate` or `external`.
+    pub handler: String,
+    /// Attempts before the job fails.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: i32,
+}
+
+fn default_max_attempts() -> i32 {
+    5
+}
+
+impl KindConfig {
+    /// Whether out-of-process workers run this kind.
+    pub fn is_external(&self) -> bool {
+        self.handler == "external"
+    }
 }
 
 /// Log line format.
@@ -214,6 +259,30 @@ impl Config {
                 "log: not a valid tracing filter: {:?}",
                 self.log
             )));
+        }
+        if self.queue.concurrency == 0 {
+            return Err(ConfigError("queue.concurrency: must be at least 1".into()));
+        }
+        if self.queue.lease_secs < 3 {
+            return Err(ConfigError("queue.lease_secs: must be at least 3".into()));
+        }
+        for (name, kind) in &self.kinds {
+            if name.is_empty() || name.len() > 100 {
+                return Err(ConfigError(format!(
+                    "kinds.{name:?}: a kind name is 1 to 100 characters"
+                )));
+            }
+            if !(kind.is_external() || crate::jobs::Registry::builtin(&kind.handler).is_some()) {
+                return Err(ConfigError(format!(
+                    "kinds.{name:?}.handler: unknown handler {:?} (echo, report.generate or external)",
+                    kind.handler
+                )));
+            }
+            if !(1..=100).contains(&kind.max_attempts) {
+                return Err(ConfigError(format!(
+                    "kinds.{name:?}.max_attempts: must be 1 to 100"
+                )));
+            }
         }
         let mut seen = std::collections::HashSet::new();
         for (i, app) in self.apps.iter().enumerate() {

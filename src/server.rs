@@ -6,13 +6,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
 use crate::auth::Authenticator;
 use crate::config::{Config, Secret};
-use crate::store::{self, Store};
+use crate::jobs::Registry;
+use crate::queue::wakeup::listen_postgres;
+use crate::queue::{Backoff, Wakeup, Workers};
+use crate::store::{self, Engine, Store};
 
 /// Why a node could not start; each message is one line an operator can act on.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +39,7 @@ pub struct Node {
     pub store: Arc<dyn Store>,
     shutdown: CancellationToken,
     server: JoinHandle<std::io::Result<()>>,
+    tasks: JoinSet<()>,
 }
 
 impl Node {
@@ -44,12 +48,13 @@ impl Node {
         self.shutdown.cancel();
     }
 
-    /// Wait for the HTTP server to drain, then close the store.
-    pub async fn wait(self) -> std::io::Result<()> {
+    /// Wait for the HTTP server and the workers to drain, then close the store.
+    pub async fn wait(mut self) -> std::io::Result<()> {
         let result = match self.server.await {
             Ok(result) => result,
             Err(join) => Err(std::io::Error::other(join)),
         };
+        while self.tasks.join_next().await.is_some() {}
         self.store.close().await;
         result
     }
@@ -114,13 +119,33 @@ pub async fn start(
     let auth = Authenticator::from_config(&config.auth)
         .await
         .map_err(|e| StartError::Auth(e.to_string()))?;
+    let wakeup = Arc::new(Wakeup::default());
+    let backoff = Backoff::new(config.queue.backoff_base_ms, config.queue.backoff_max_ms);
     let state = AppState {
         store: store.clone(),
         auth,
         apps: config.apps.iter().map(|a| a.id.clone()).collect(),
         metrics: crate::telemetry::metrics_handle(),
         openapi: Arc::new(api::openapi_json()),
+        kinds: Arc::new(config.kinds.clone()),
+        allow_private_targets: config.webhooks.allow_private_targets,
+        wakeup: wakeup.clone(),
+        backoff,
     };
+    let mut tasks = JoinSet::new();
+    if store.engine() == Engine::Postgres {
+        let url = config.database.url.expose().to_string();
+        tasks.spawn(listen_postgres(url, wakeup.clone(), shutdown.clone()));
+    }
+    let mut registry = Registry::new();
+    for (name, kind) in &config.kinds {
+        if let Some(handler) = Registry::builtin(&kind.handler) {
+            registry.insert(name.clone(), handler);
+        }
+    }
+    let owner = format!("node:{}", uuid::Uuid::now_v7());
+    let workers = Workers::new(store.clone(), registry, config.queue.clone(), wakeup, owner);
+    tasks.spawn(workers.run(shutdown.clone()));
     let app = api::router(
         state,
         config.http.body_limit,
@@ -146,6 +171,7 @@ pub async fn start(
         store,
         shutdown,
         server,
+        tasks,
     })
 }
 

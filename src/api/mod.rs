@@ -1,6 +1,7 @@
 //! The HTTP API: one router per resource, assembled here with the cross-cutting layers
 //! (request id, tracing, metrics, body limit, problem responses for everything).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,12 +22,16 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa_axum::router::OpenApiRouter;
 
 use crate::auth::Authenticator;
+use crate::config::KindConfig;
 use crate::error::{ApiError, problem_response};
+use crate::queue::{Backoff, Wakeup};
 use crate::store::Store;
 
 mod devices;
 pub mod input;
+pub mod jobs;
 mod ops;
+mod worker;
 
 /// Everything a handler may need; cheap to clone.
 #[derive(Clone)]
@@ -41,6 +46,14 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// The generated OpenAPI document, served as is.
     pub openapi: Arc<String>,
+    /// Configured job kinds.
+    pub kinds: Arc<BTreeMap<String, KindConfig>>,
+    /// Whether callback URLs may target private addresses.
+    pub allow_private_targets: bool,
+    /// Wakes workers when work is committed.
+    pub wakeup: Arc<Wakeup>,
+    /// Retry policy for externally reported failures.
+    pub backoff: Backoff,
 }
 
 impl FromRef<AppState> for Authenticator {
@@ -78,6 +91,8 @@ fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(ops::router())
         .merge(devices::router())
+        .merge(jobs::router())
+        .merge(worker::router())
 }
 
 /// The OpenAPI 3.1 document for the routes, as JSON.

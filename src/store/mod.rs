@@ -21,7 +21,7 @@ use crate::updates::Update;
 
 #[macro_use]
 mod rows;
-mod postgres;
+pub(crate) mod postgres;
 mod shared;
 mod sqlite;
 

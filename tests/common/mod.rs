@@ -124,6 +124,18 @@ pub fn test_config(db: &TestDb) -> Config {
     config.auth.hs256_secret = Secret::new(SECRET);
     config.listen = "127.0.0.1:0".parse().expect("addr");
     config.http.shutdown_grace_secs = 2;
+    config.queue.backoff_base_ms = 10;
+    config.queue.backoff_max_ms = 50;
+    config.queue.poll_interval_ms = 200;
+    config.queue.shutdown_grace_secs = 2;
+    config.webhooks.allow_private_targets = false;
+    config.kinds.insert(
+        "render.video".into(),
+        herald::config::KindConfig {
+            handler: "external".into(),
+            max_attempts: 3,
+        },
+    );
     config
 }
 
@@ -144,6 +156,11 @@ impl TestApp {
 
     pub async fn spawn_with(engine: Engine, adjust: impl FnOnce(&mut Config)) -> Self {
         let db = TestDb::new(engine).await;
+        Self::spawn_on(db, adjust).await
+    }
+
+    /// Start a node on an existing database.
+    pub async fn spawn_on(db: TestDb, adjust: impl FnOnce(&mut Config)) -> Self {
         let mut config = test_config(&db);
         adjust(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -283,32 +300,89 @@ impl TestApp {
     /// Every stored row that a request could change, as text: equal fingerprints mean an
     /// unchanged database.
     pub async fn fingerprint(&self) -> String {
-        let sql = "SELECT user_id || '|' || platform || '|' || token || '|' || status || '|' || app_id \
-                   || '|' || COALESCE(environment, '') || '|' || COALESCE(app_version, '') || '|' \
-                   || COALESCE(locale, '') || '|' || last_seen_at FROM devices ORDER BY 1";
-        let rows: Vec<String> = match self.db.engine {
-            Engine::Sqlite => {
-                let pool = sqlx::SqlitePool::connect(&self.db.url)
-                    .await
-                    .expect("sqlite");
-                let rows = sqlx::query_scalar(sql)
-                    .fetch_all(&pool)
-                    .await
-                    .expect("fingerprint");
-                pool.close().await;
-                rows
+        let queries = [
+            "SELECT user_id || '|' || platform || '|' || token || '|' || status || '|' || app_id \
+             || '|' || COALESCE(environment, '') || '|' || COALESCE(app_version, '') || '|' \
+             || COALESCE(locale, '') || '|' || last_seen_at FROM devices ORDER BY 1",
+            "SELECT user_id || '|' || kind || '|' || status || '|' || attempts || '|' || updated_at \
+             || '|' || COALESCE(idempotency_key, '') FROM jobs ORDER BY 1",
+            "SELECT user_id || '|' || seq || '|' || type FROM updates ORDER BY 1",
+        ];
+        let mut out = Vec::new();
+        for sql in queries {
+            let rows: Vec<String> = match self.db.engine {
+                Engine::Sqlite => {
+                    let pool = sqlx::SqlitePool::connect(&self.db.url)
+                        .await
+                        .expect("sqlite");
+                    let rows = sqlx::query_scalar(sql)
+                        .fetch_all(&pool)
+                        .await
+                        .expect("fingerprint");
+                    pool.close().await;
+                    rows
+                }
+                Engine::Postgres => {
+                    let pool = sqlx::PgPool::connect(&self.db.url).await.expect("pg");
+                    let rows = sqlx::query_scalar(sql)
+                        .fetch_all(&pool)
+                        .await
+                        .expect("fingerprint");
+                    pool.close().await;
+                    rows
+                }
+            };
+            out.push(rows.join("\n"));
+        }
+        out.join("\n--\n")
+    }
+
+    /// Submit a job and return its tracking id.
+    pub async fn submit(&self, user: &str, body: Value) -> String {
+        let response = self.post("/v1/jobs", user, body).await;
+        assert_eq!(response.status(), 202, "submit");
+        let body: Value = response.json().await.expect("json");
+        body["trackingId"].as_str().expect("trackingId").to_string()
+    }
+
+    /// Poll a job until `done(job)` or the deadline; returns the last state.
+    pub async fn wait_job(&self, user: &str, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let job: Value = self
+                .get(&format!("/v1/jobs/{id}"), user)
+                .await
+                .json()
+                .await
+                .expect("json");
+            if done(&job) {
+                return job;
             }
-            Engine::Postgres => {
-                let pool = sqlx::PgPool::connect(&self.db.url).await.expect("pg");
-                let rows = sqlx::query_scalar(sql)
-                    .fetch_all(&pool)
-                    .await
-                    .expect("fingerprint");
-                pool.close().await;
-                rows
-            }
-        };
-        rows.join("\n")
+            assert!(
+                std::time::Instant::now() < deadline,
+                "job {id} never got there: {job}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Wait until the job is finished (completed, failed or canceled).
+    pub async fn wait_finished(&self, user: &str, id: &str) -> Value {
+        self.wait_job(user, id, |j| {
+            matches!(
+                j["status"].as_str(),
+                Some("completed" | "failed" | "canceled")
+            )
+        })
+        .await
+    }
+
+    /// The user's update log (directly from the store: the sync endpoint is a later issue).
+    pub async fn updates(&self, user: &str) -> Vec<herald::updates::Update> {
+        self.store
+            .list_updates(user, 0, 10_000)
+            .await
+            .expect("updates")
     }
 }
 
