@@ -1,1 +1,0 @@
-//! Fake FCM HTTP v1 server with its OAuth2 token endpoint.
