@@ -141,7 +141,7 @@ pub fn validate_apns_token(token: &str) -> Result<(), &'static str> {
     if !(64..=200).contains(&n) {
         return Err("an APNs token is 64 to 200 hexadecimal characters");
     }
-    if n % 2 != 0 {
+    if !n.is_multiple_of(2) {
         return Err("an APNs token has an even number of hexadecimal characters");
     }
     if !token.bytes().all(|b| b.is_ascii_hexdigit()) {

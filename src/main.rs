@@ -39,6 +39,16 @@ enum Command {
     },
     /// Print the default configuration file.
     DefaultConfig,
+    /// Run a fake FCM (with its OAuth token endpoint) on 127.0.0.1, trusting the test-only
+    /// service account in fixtures/.
+    FakeFcm {
+        /// Port on 127.0.0.1 (0 = any free port).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// Serve HTTPS with the test-only certificate (fixtures/test-server.pem).
+        #[arg(long)]
+        tls: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -68,6 +78,15 @@ fn main() -> ExitCode {
 
 async fn run(command: Command, mut config: Config) -> Result<(), String> {
     match command {
+        Command::FakeFcm { port, tls } => {
+            let options = herald::fakes::fcm::FakeFcmOptions {
+                tls,
+                ..Default::default()
+            };
+            herald::fakes::fcm::run_cli(std::net::SocketAddr::from(([127, 0, 0, 1], port)), options)
+                .await
+                .map_err(|e| format!("fake-fcm: {e}"))
+        }
         Command::DefaultConfig => {
             print!("{}", herald::config::DEFAULT_TOML);
             Ok(())

@@ -63,10 +63,10 @@ fn parse_registration(body: &JsonObject, state: &AppState) -> Result<NewDevice, 
         None => None,
     };
     let token = f.req_str("token");
-    if let (Some(platform), Some(token)) = (platform, token) {
-        if let Some(err) = devices::token_error(platform, token) {
-            f.error(&err.field, err.message);
-        }
+    if let (Some(platform), Some(token)) = (platform, token)
+        && let Some(err) = devices::token_error(platform, token)
+    {
+        f.error(&err.field, err.message);
     }
     let environment = match (platform, f.opt_str("environment")) {
         (Some(Platform::Apns), None) => Some(ApnsEnvironment::Production),
@@ -107,10 +107,10 @@ fn parse_registration(body: &JsonObject, state: &AppState) -> Result<NewDevice, 
         ),
     };
     let locale = f.opt_str("locale");
-    if let Some(l) = locale {
-        if let Err(m) = devices::validate_locale(l) {
-            f.error("locale", m);
-        }
+    if let Some(l) = locale
+        && let Err(m) = devices::validate_locale(l)
+    {
+        f.error("locale", m);
     }
     let app_version = f.opt_text("appVersion", 64);
     f.finish(|| {

@@ -123,10 +123,10 @@ fn parse_submission(
         }
     };
     let callback_url = f.opt_str("callbackUrl");
-    if let Some(url) = callback_url {
-        if let Err(why) = crate::webhooks::check_target(url, state.allow_private_targets) {
-            f.error("callbackUrl", why);
-        }
+    if let Some(url) = callback_url
+        && let Err(why) = crate::webhooks::check_target(url, state.allow_private_targets)
+    {
+        f.error("callbackUrl", why);
     }
     let notify = f.nested("notify", |n| {
         let title = n.opt_text("title", 256).map(String::from);

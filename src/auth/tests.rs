@@ -407,7 +407,10 @@ fn every_auth_error_is_a_401_with_bearer_challenge() {
     for err in all {
         assert_401(ApiError::from(err));
     }
-    assert!(matches!(ApiError::from(AuthError::JwksUnavailable), ApiError::Unavailable(_)));
+    assert!(matches!(
+        ApiError::from(AuthError::JwksUnavailable),
+        ApiError::Unavailable(_)
+    ));
 }
 
 // ---- algorithm confusion ----------------------------------------------------------------

@@ -382,21 +382,21 @@ fn check_message(m: &Map<String, Value>) -> Result<(), Invalid> {
         ));
     }
     if let Some(android) = m.get("android") {
-        if let Some(ttl) = android.get("ttl") {
-            if !ttl.as_str().is_some_and(valid_ttl) {
-                return Err(Invalid::field(
-                    "message.android.ttl",
-                    format!("Invalid value: {ttl}"),
-                ));
-            }
+        if let Some(ttl) = android.get("ttl")
+            && !ttl.as_str().is_some_and(valid_ttl)
+        {
+            return Err(Invalid::field(
+                "message.android.ttl",
+                format!("Invalid value: {ttl}"),
+            ));
         }
-        if let Some(p) = android.get("priority") {
-            if !matches!(p.as_str(), Some("NORMAL" | "HIGH")) {
-                return Err(Invalid::field(
-                    "message.android.priority",
-                    format!("Invalid value: {p}"),
-                ));
-            }
+        if let Some(p) = android.get("priority")
+            && !matches!(p.as_str(), Some("NORMAL" | "HIGH"))
+        {
+            return Err(Invalid::field(
+                "message.android.priority",
+                format!("Invalid value: {p}"),
+            ));
         }
     }
     if let Some(headers) = m.get("apns").and_then(|a| a.get("headers")) {
