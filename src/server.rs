@@ -14,7 +14,7 @@ use crate::auth::Authenticator;
 use crate::config::{Config, Secret};
 use crate::jobs::Registry;
 use crate::queue::wakeup::listen_postgres;
-use crate::queue::{Backoff, Wakeup, Workers};
+use crate::queue::{Backoff, Intake, Wakeup, Workers};
 use crate::store::{self, Engine, Store};
 
 /// Why a node could not start; each message is one line an operator can act on.
@@ -120,6 +120,9 @@ pub async fn start(
         .await
         .map_err(|e| StartError::Auth(e.to_string()))?;
     let wakeup = Arc::new(Wakeup::default());
+    // The committer outlives the HTTP server's drain: it stops on its own token after it.
+    let intake_stop = CancellationToken::new();
+    let (intake, intake_task) = Intake::spawn(store.clone(), intake_stop.clone());
     let backoff = Backoff::new(config.queue.backoff_base_ms, config.queue.backoff_max_ms);
     let state = AppState {
         store: store.clone(),
@@ -131,6 +134,7 @@ pub async fn start(
         allow_private_targets: config.webhooks.allow_private_targets,
         wakeup: wakeup.clone(),
         backoff,
+        intake,
     };
     let mut tasks = JoinSet::new();
     if store.engine() == Engine::Postgres {
@@ -158,13 +162,16 @@ pub async fn start(
         let serve =
             axum::serve(listener, app).with_graceful_shutdown(token.clone().cancelled_owned());
         // In-flight requests get the grace period; after that the node stops regardless.
-        tokio::select! {
+        let result = tokio::select! {
             result = serve => result,
             _ = async { token.cancelled().await; tokio::time::sleep(grace).await } => {
                 tracing::warn!("shutdown grace period elapsed; dropping remaining connections");
                 Ok(())
             }
-        }
+        };
+        intake_stop.cancel();
+        let _ = intake_task.await;
+        result
     });
     Ok(Node {
         addr,

@@ -186,7 +186,7 @@ async fn submit_job(
     body: JsonObject,
 ) -> Result<Response, ApiError> {
     let new = parse_submission(&state, &user.sub, &headers, &body)?;
-    match state.store.create_job(&new).await? {
+    match state.intake.submit(new).await? {
         CreateOutcome::Created(job) => {
             state.wakeup.job_available();
             metrics::counter!("herald_jobs_submitted_total", "kind" => job.kind.clone())

@@ -24,7 +24,7 @@ use utoipa_axum::router::OpenApiRouter;
 use crate::auth::Authenticator;
 use crate::config::KindConfig;
 use crate::error::{ApiError, problem_response};
-use crate::queue::{Backoff, Wakeup};
+use crate::queue::{Backoff, Intake, Wakeup};
 use crate::store::Store;
 
 mod devices;
@@ -54,6 +54,8 @@ pub struct AppState {
     pub wakeup: Arc<Wakeup>,
     /// Retry policy for externally reported failures.
     pub backoff: Backoff,
+    /// Group commit of submissions.
+    pub intake: Intake,
 }
 
 impl FromRef<AppState> for Authenticator {

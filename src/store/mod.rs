@@ -40,6 +40,9 @@ pub enum StoreError {
     /// Migrations could not be applied.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A group commit failed; every request in it gets this.
+    #[error("{0}")]
+    Shared(std::sync::Arc<StoreError>),
     /// A stored value could not be decoded (a bug or a hand-edited row).
     #[error("corrupt row: {0}")]
     Corrupt(String),
@@ -65,8 +68,12 @@ impl From<sqlx::Error> for StoreError {
 
 impl From<StoreError> for crate::error::ApiError {
     fn from(err: StoreError) -> Self {
+        let unavailable = match &err {
+            StoreError::Shared(inner) => matches!(**inner, StoreError::Unavailable(_)),
+            other => matches!(other, StoreError::Unavailable(_)),
+        };
         match err {
-            StoreError::Unavailable(_) => {
+            _ if unavailable => {
                 tracing::warn!(error = %err, "database unavailable");
                 crate::error::ApiError::Unavailable(
                     "the database is unavailable; retry later".into(),
@@ -134,8 +141,17 @@ pub trait Store: Send + Sync + 'static {
         since: Option<DateTime<Utc>>,
     ) -> Result<bool, StoreError>;
 
-    /// Commit a new job (or find the one its idempotency key already made).
-    async fn create_job(&self, job: &NewJob) -> Result<CreateOutcome, StoreError>;
+    /// Commit new jobs in one transaction (group commit); one outcome per job, in order. A job
+    /// whose idempotency key was used before (even earlier in the same batch) is a replay.
+    async fn create_jobs(&self, jobs: &[NewJob]) -> Result<Vec<CreateOutcome>, StoreError>;
+
+    /// Commit one new job (or find the one its idempotency key already made).
+    async fn create_job(&self, job: &NewJob) -> Result<CreateOutcome, StoreError> {
+        self.create_jobs(std::slice::from_ref(job))
+            .await?
+            .pop()
+            .ok_or_else(|| StoreError::Corrupt("no outcome for a submitted job".into()))
+    }
 
     /// One of this user's jobs.
     async fn get_job(&self, user_id: &str, id: Uuid) -> Result<Option<Job>, StoreError>;

@@ -184,47 +184,55 @@ macro_rules! impl_store {
                 Ok(done.rows_affected() > 0)
             }
 
-            async fn create_job(
+            async fn create_jobs(
                 &self,
-                job: &$crate::jobs::NewJob,
-            ) -> Result<$crate::jobs::CreateOutcome, super::StoreError> {
+                jobs: &[$crate::jobs::NewJob],
+            ) -> Result<Vec<$crate::jobs::CreateOutcome>, super::StoreError> {
                 use $crate::jobs::CreateOutcome;
                 let now = chrono::Utc::now();
                 let mut tx = self.writer().begin().await?;
-                let inserted: Option<rows::JobRow> = sqlx::query_as(rows::INSERT_JOB)
-                    .bind(uuid::Uuid::now_v7())
-                    .bind(&job.user_id)
-                    .bind(&job.kind)
-                    .bind(sqlx::types::Json(&job.input))
-                    .bind(job.max_attempts)
-                    .bind(&job.callback_url)
-                    .bind(job.notify.as_ref().map(sqlx::types::Json))
-                    .bind(&job.idempotency_key)
-                    .bind(&job.request_hash)
-                    .bind(now)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                let outcome = match inserted {
-                    Some(row) => {
-                        Self::notify_jobs(&mut tx, &job.kind).await?;
-                        CreateOutcome::Created(row.try_into()?)
-                    }
-                    None => {
-                        // The key was used before (ON CONFLICT waited for that transaction).
-                        let existing: rows::JobRow = sqlx::query_as(rows::JOB_BY_KEY)
-                            .bind(&job.user_id)
-                            .bind(&job.idempotency_key)
-                            .fetch_one(&mut *tx)
-                            .await?;
-                        if existing.request_hash.as_deref() == Some(job.request_hash.as_str()) {
-                            CreateOutcome::Replayed(existing.try_into()?)
-                        } else {
-                            CreateOutcome::KeyReused
+                let mut outcomes = Vec::with_capacity(jobs.len());
+                let mut created = false;
+                for job in jobs {
+                    let inserted: Option<rows::JobRow> = sqlx::query_as(rows::INSERT_JOB)
+                        .bind(uuid::Uuid::now_v7())
+                        .bind(&job.user_id)
+                        .bind(&job.kind)
+                        .bind(sqlx::types::Json(&job.input))
+                        .bind(job.max_attempts)
+                        .bind(&job.callback_url)
+                        .bind(job.notify.as_ref().map(sqlx::types::Json))
+                        .bind(&job.idempotency_key)
+                        .bind(&job.request_hash)
+                        .bind(now)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    outcomes.push(match inserted {
+                        Some(row) => {
+                            created = true;
+                            CreateOutcome::Created(row.try_into()?)
                         }
-                    }
-                };
+                        None => {
+                            // The key was used before: by a committed transaction (ON CONFLICT
+                            // waited for it) or earlier in this very batch.
+                            let existing: rows::JobRow = sqlx::query_as(rows::JOB_BY_KEY)
+                                .bind(&job.user_id)
+                                .bind(&job.idempotency_key)
+                                .fetch_one(&mut *tx)
+                                .await?;
+                            if existing.request_hash.as_deref() == Some(job.request_hash.as_str()) {
+                                CreateOutcome::Replayed(existing.try_into()?)
+                            } else {
+                                CreateOutcome::KeyReused
+                            }
+                        }
+                    });
+                }
+                if created {
+                    Self::notify_jobs(&mut tx, "").await?;
+                }
                 tx.commit().await?;
-                Ok(outcome)
+                Ok(outcomes)
             }
 
             async fn get_job(

@@ -1,0 +1,78 @@
+//! Group commit of submissions: concurrent `POST /v1/jobs` requests share one transaction, so
+//! a durable acknowledgment costs a fraction of a commit (and of an fsync on SQLite).
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::jobs::{CreateOutcome, NewJob};
+use crate::store::{Store, StoreError};
+
+/// Most submissions committed together.
+const MAX_BATCH: usize = 256;
+
+type Reply = oneshot::Sender<Result<CreateOutcome, StoreError>>;
+
+/// Hands submissions to the committer task.
+#[derive(Clone)]
+pub struct Intake {
+    tx: mpsc::Sender<(NewJob, Reply)>,
+}
+
+impl Intake {
+    /// Start the committer; it stops when `shutdown` fires and the queue is drained.
+    pub fn spawn(
+        store: Arc<dyn Store>,
+        shutdown: CancellationToken,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
+        let task = tokio::spawn(commit_loop(store, rx, shutdown));
+        (Self { tx }, task)
+    }
+
+    /// Commit `job`; resolves once it is durable (or failed).
+    pub async fn submit(&self, job: NewJob) -> Result<CreateOutcome, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let stopped = || StoreError::Corrupt("the node is shutting down".into());
+        self.tx.send((job, reply)).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+async fn commit_loop(
+    store: Arc<dyn Store>,
+    mut rx: mpsc::Receiver<(NewJob, Reply)>,
+    shutdown: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        // Whatever queued up while the previous commit ran goes into the next one: no timer,
+        // so a lone request is never delayed waiting for company.
+        let received = tokio::select! {
+            n = rx.recv_many(&mut batch, MAX_BATCH) => n,
+            _ = shutdown.cancelled() => {
+                rx.close();
+                rx.recv_many(&mut batch, MAX_BATCH).await
+            }
+        };
+        if received == 0 {
+            return;
+        }
+        let (jobs, replies): (Vec<NewJob>, Vec<Reply>) = batch.drain(..).unzip();
+        metrics::histogram!("herald_job_commit_batch_size").record(jobs.len() as f64);
+        match store.create_jobs(&jobs).await {
+            Ok(outcomes) => {
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+            Err(err) => {
+                let err = Arc::new(err);
+                for reply in replies {
+                    let _ = reply.send(Err(StoreError::Shared(err.clone())));
+                }
+            }
+        }
+    }
+}
