@@ -1,1 +1,0 @@
-//! Fake APNs provider API server.
