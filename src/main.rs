@@ -39,6 +39,15 @@ enum Command {
     },
     /// Print the default configuration file.
     DefaultConfig,
+    /// Run a fake APNs on 127.0.0.1, trusting the test-only key in fixtures/.
+    FakeApns {
+        /// Port on 127.0.0.1 (0 = any free port).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// Serve h2c (cleartext HTTP/2) instead of TLS with the test-only certificate.
+        #[arg(long)]
+        plaintext: bool,
+    },
     /// Run a fake FCM (with its OAuth token endpoint) on 127.0.0.1, trusting the test-only
     /// service account in fixtures/.
     FakeFcm {
@@ -78,6 +87,18 @@ fn main() -> ExitCode {
 
 async fn run(command: Command, mut config: Config) -> Result<(), String> {
     match command {
+        Command::FakeApns { port, plaintext } => {
+            let options = herald::fakes::apns::FakeApnsOptions {
+                tls: !plaintext,
+                ..Default::default()
+            };
+            herald::fakes::apns::run_cli(
+                std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                options,
+            )
+            .await
+            .map_err(|e| format!("fake-apns: {e}"))
+        }
         Command::FakeFcm { port, tls } => {
             let options = herald::fakes::fcm::FakeFcmOptions {
                 tls,

@@ -122,7 +122,12 @@ pub async fn start(
     let wakeup = Arc::new(Wakeup::default());
     // The committer outlives the HTTP server's drain: it stops on its own token after it.
     let intake_stop = CancellationToken::new();
-    let (intake, intake_task) = Intake::spawn(store.clone(), intake_stop.clone());
+    // SQLite has one writer; PostgreSQL commits batches side by side on a few connections.
+    let committers = match store.engine() {
+        Engine::Sqlite => 1,
+        Engine::Postgres => (config.database.max_connections as usize / 4).clamp(1, 4),
+    };
+    let (intake, intake_task) = Intake::spawn(store.clone(), committers, intake_stop.clone());
     let backoff = Backoff::new(config.queue.backoff_base_ms, config.queue.backoff_max_ms);
     let state = AppState {
         store: store.clone(),

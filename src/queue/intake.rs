@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::jobs::{CreateOutcome, NewJob};
@@ -21,13 +21,20 @@ pub struct Intake {
 }
 
 impl Intake {
-    /// Start the committer; it stops when `shutdown` fires and the queue is drained.
+    /// Start `committers` committer tasks (several only help an engine with concurrent
+    /// writers); they stop when `shutdown` fires and the queue is drained.
     pub fn spawn(
         store: Arc<dyn Store>,
+        committers: usize,
         shutdown: CancellationToken,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
-        let task = tokio::spawn(commit_loop(store, rx, shutdown));
+        let rx = Arc::new(Mutex::new(rx));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..committers.max(1) {
+            tasks.spawn(commit_loop(store.clone(), rx.clone(), shutdown.clone()));
+        }
+        let task = tokio::spawn(async move { while tasks.join_next().await.is_some() {} });
         (Self { tx }, task)
     }
 
@@ -42,18 +49,22 @@ impl Intake {
 
 async fn commit_loop(
     store: Arc<dyn Store>,
-    mut rx: mpsc::Receiver<(NewJob, Reply)>,
+    rx: Arc<Mutex<mpsc::Receiver<(NewJob, Reply)>>>,
     shutdown: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
         // Whatever queued up while the previous commit ran goes into the next one: no timer,
-        // so a lone request is never delayed waiting for company.
-        let received = tokio::select! {
-            n = rx.recv_many(&mut batch, MAX_BATCH) => n,
-            _ = shutdown.cancelled() => {
-                rx.close();
-                rx.recv_many(&mut batch, MAX_BATCH).await
+        // so a lone request is never delayed waiting for company. The lock is held only while
+        // taking a batch, so another committer takes the next one while this one commits.
+        let received = {
+            let mut rx = rx.lock().await;
+            tokio::select! {
+                n = rx.recv_many(&mut batch, MAX_BATCH) => n,
+                _ = shutdown.cancelled() => {
+                    rx.close();
+                    rx.recv_many(&mut batch, MAX_BATCH).await
+                }
             }
         };
         if received == 0 {

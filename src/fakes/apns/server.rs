@@ -226,10 +226,10 @@ impl Stream {
         // The answer is built from validated parts; a failure here only loses this answer.
         if let Ok(resp) = builder.body(()) {
             let end = payload.is_empty();
-            if let Ok(mut stream) = respond.send_response(resp, end) {
-                if !end {
-                    let _ = stream.send_data(payload, true);
-                }
+            if let Ok(mut stream) = respond.send_response(resp, end)
+                && !end
+            {
+                let _ = stream.send_data(payload, true);
             }
         }
     }

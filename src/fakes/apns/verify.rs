@@ -194,10 +194,10 @@ impl Verifier {
             return Err((403, "InvalidProviderToken"));
         }
         self.age(&data.claims, now)?;
-        if let Some(prev) = current.as_ref() {
-            if now - prev.at < MIN_RENEWAL_INTERVAL.as_secs() as i64 {
-                return Err((429, "TooManyProviderTokenUpdates"));
-            }
+        if let Some(prev) = current.as_ref()
+            && now - prev.at < MIN_RENEWAL_INTERVAL.as_secs() as i64
+        {
+            return Err((429, "TooManyProviderTokenUpdates"));
         }
         *current = Some(Accepted {
             jwt: jwt.to_owned(),

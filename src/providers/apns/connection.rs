@@ -182,10 +182,10 @@ impl Endpoint {
             return Ok(live);
         }
         // If the attempt we queued behind failed, share its verdict rather than hammering.
-        if let Some((at, why)) = lock(&self.last_failure).as_ref() {
-            if *at >= waited_from {
-                return Err(SendError::Connect(why.clone()));
-            }
+        if let Some((at, why)) = lock(&self.last_failure).as_ref()
+            && *at >= waited_from
+        {
+            return Err(SendError::Connect(why.clone()));
         }
         match tokio::time::timeout(self.opts.connect_timeout, self.connect()).await {
             Ok(Ok(tx)) => {

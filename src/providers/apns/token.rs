@@ -158,10 +158,10 @@ impl TokenCache {
     pub fn current_with_header(&self) -> Result<(Arc<str>, HeaderValue), TokenError> {
         let now = self.clock.now();
         let mut slot = self.slot();
-        if let Some(issued) = slot.as_ref() {
-            if now - issued.iat < RENEW_AFTER.as_secs() as i64 {
-                return Ok((issued.jwt.clone(), issued.bearer.clone()));
-            }
+        if let Some(issued) = slot.as_ref()
+            && now - issued.iat < RENEW_AFTER.as_secs() as i64
+        {
+            return Ok((issued.jwt.clone(), issued.bearer.clone()));
         }
         let issued = self.sign(now)?;
         let out = (issued.jwt.clone(), issued.bearer.clone());
