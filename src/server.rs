@@ -26,6 +26,9 @@ pub enum StartError {
     /// Authentication is misconfigured.
     #[error("{0}")]
     Auth(String),
+    /// An app's push credentials could not be loaded.
+    #[error("{0}")]
+    Providers(#[from] crate::providers::ProvidersError),
     /// The listener failed.
     #[error("listen: {0}")]
     Io(#[from] std::io::Error),
@@ -37,6 +40,8 @@ pub struct Node {
     pub addr: SocketAddr,
     /// The store, shared with background tasks.
     pub store: Arc<dyn Store>,
+    /// Push senders per app.
+    pub providers: crate::providers::Providers,
     shutdown: CancellationToken,
     server: JoinHandle<std::io::Result<()>>,
     tasks: JoinSet<()>,
@@ -116,6 +121,8 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<Node, StartError> {
     let store = open_store(&config).await?;
+    // Credentials are loaded (and checked) before the node accepts work; the dispatcher uses them.
+    let providers = crate::providers::Providers::from_config(&config.apps)?;
     let auth = Authenticator::from_config(&config.auth)
         .await
         .map_err(|e| StartError::Auth(e.to_string()))?;
@@ -181,6 +188,7 @@ pub async fn start(
     Ok(Node {
         addr,
         store,
+        providers,
         shutdown,
         server,
         tasks,

@@ -9,7 +9,10 @@ use serde::Deserialize;
 
 pub mod apns;
 pub mod fcm;
+pub mod registry;
 pub mod tls;
+
+pub use registry::{AppSenders, Providers, ProvidersError};
 
 /// One push app: a device's `appId` selects it.
 #[derive(Debug, Clone, Deserialize)]
