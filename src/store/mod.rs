@@ -21,10 +21,12 @@ use crate::updates::Update;
 
 #[macro_use]
 mod rows;
+pub mod outbox;
 pub(crate) mod postgres;
 mod shared;
 mod sqlite;
 
+pub use outbox::{DeliveryOutcome, DeliveryResult, DueDelivery, Outbox};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -109,7 +111,7 @@ pub struct Registered {
 
 /// The one storage interface.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: outbox::Outbox + Send + Sync + 'static {
     /// The engine behind this store.
     fn engine(&self) -> Engine;
 

@@ -2,17 +2,23 @@
 //! NOTIFY at commit wakes the workers of every node.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
+use tokio::sync::Notify;
 
+use super::outbox::impl_outbox;
 use super::rows::{self, ClaimRow};
 use super::shared::impl_store;
 use super::{Engine, StoreError};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+/// NOTIFY channel announcing appended updates.
+pub const UPDATES_CHANNEL: &str = "herald_updates";
 
 /// NOTIFY channel announcing new or requeued jobs.
 pub const JOBS_CHANNEL: &str = "herald_jobs";
@@ -21,6 +27,7 @@ pub const JOBS_CHANNEL: &str = "herald_jobs";
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    appended: Arc<Notify>,
 }
 
 impl PgStore {
@@ -36,7 +43,10 @@ impl PgStore {
             .acquire_timeout(acquire_timeout)
             .connect_with(options)
             .await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            appended: Arc::new(Notify::new()),
+        })
     }
 
     /// The pool, for engine-specific work (LISTEN) elsewhere in the crate.
@@ -81,6 +91,15 @@ impl PgStore {
         .await
     }
 
+    /// Tells every node's dispatcher and live streams that updates were appended.
+    async fn notify_updates(tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(UPDATES_CHANNEL)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
     /// Delivered at commit to every node listening, so they claim at once.
     async fn notify_jobs(
         tx: &mut Transaction<'_, Postgres>,
@@ -96,3 +115,4 @@ impl PgStore {
 }
 
 impl_store!(PgStore, Postgres, Engine::Postgres, " FOR UPDATE");
+impl_outbox!(PgStore, Postgres, " FOR UPDATE SKIP LOCKED", "GREATEST");

@@ -29,6 +29,18 @@ macro_rules! impl_store {
                     .bind(now)
                     .execute(&mut **tx)
                     .await?;
+                // The outbox: one delivery per active device, committed with the update itself.
+                sqlx::query(
+                    "INSERT INTO deliveries (update_id, device_id, user_id, status, attempts, next_attempt_at, \
+                     created_at, updated_at) SELECT $1, id, user_id, 'pending', 0, $3, $3, $3 FROM devices \
+                     WHERE user_id = $2 AND status = 'active'",
+                )
+                .bind(id)
+                .bind(user_id)
+                .bind(now)
+                .execute(&mut **tx)
+                .await?;
+                Self::notify_updates(tx).await?;
                 Ok($crate::updates::Update {
                     seq,
                     id,
@@ -95,6 +107,12 @@ macro_rules! impl_store {
                     device: $crate::devices::Device::try_from(row)?,
                     created,
                 })
+            }
+
+            /// Wake in-process listeners after a commit that appended updates.
+            fn signal_appended(&self) {
+                self.appended.notify_waiters();
+                self.appended.notify_one();
             }
 
             /// Find the held job's counters under the fence; `None` when the lease is lost.
@@ -295,6 +313,7 @@ macro_rules! impl_store {
                     }
                 };
                 tx.commit().await?;
+                self.signal_appended();
                 Ok(outcome)
             }
 
@@ -325,6 +344,7 @@ macro_rules! impl_store {
                     Self::append_update(&mut tx, &row.user_id, &update, now).await?;
                 }
                 tx.commit().await?;
+                self.signal_appended();
                 Ok(claimed.into_iter().map(|row| row.into_claimed(until)).collect())
             }
 
@@ -376,6 +396,7 @@ macro_rules! impl_store {
                 };
                 Self::append_update(&mut tx, &user_id, &update, now).await?;
                 tx.commit().await?;
+                self.signal_appended();
                 Ok(true)
             }
 
@@ -407,6 +428,7 @@ macro_rules! impl_store {
                 };
                 Self::append_update(&mut tx, &user_id, &update, now).await?;
                 tx.commit().await?;
+                self.signal_appended();
                 Ok(true)
             }
 
@@ -455,6 +477,7 @@ macro_rules! impl_store {
                     }
                 }
                 tx.commit().await?;
+                self.signal_appended();
                 Ok(true)
             }
 
@@ -494,6 +517,7 @@ macro_rules! impl_store {
                     Self::notify_jobs(&mut tx, "").await?;
                 }
                 tx.commit().await?;
+                self.signal_appended();
                 Ok(requeued + failed.len() as u64)
             }
 

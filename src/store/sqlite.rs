@@ -2,6 +2,7 @@
 //! WAL, `synchronous=FULL` so an acknowledged write survives power loss.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -9,7 +10,9 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{Sqlite, Transaction};
+use tokio::sync::Notify;
 
+use super::outbox::impl_outbox;
 use super::rows::{self, ClaimRow};
 use super::shared::impl_store;
 use super::{Engine, StoreError};
@@ -21,6 +24,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    appended: Arc<Notify>,
 }
 
 impl SqliteStore {
@@ -46,7 +50,11 @@ impl SqliteStore {
             .acquire_timeout(acquire_timeout)
             .connect_with(options.read_only(true))
             .await?;
-        Ok(Self { writer, reader })
+        Ok(Self {
+            writer,
+            reader,
+            appended: Arc::new(Notify::new()),
+        })
     }
 
     fn writer(&self) -> &SqlitePool {
@@ -87,6 +95,11 @@ impl SqliteStore {
     }
 
     /// In-process wake-ups are enough for a single node.
+    async fn notify_updates(_tx: &mut Transaction<'_, Sqlite>) -> Result<(), sqlx::Error> {
+        Ok(())
+    }
+
+    /// In-process wake-ups are enough for a single node.
     async fn notify_jobs(
         _tx: &mut Transaction<'_, Sqlite>,
         _kind: &str,
@@ -96,3 +109,4 @@ impl SqliteStore {
 }
 
 impl_store!(SqliteStore, Sqlite, Engine::Sqlite, "");
+impl_outbox!(SqliteStore, Sqlite, "", "MAX");

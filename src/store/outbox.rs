@@ -1,0 +1,404 @@
+//! The delivery outbox and the sync log's read side: what the dispatcher claims and records,
+//! and what apps ask for when they catch up.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::StoreError;
+use crate::devices::{ApnsEnvironment, Platform};
+use crate::updates::{NewUpdate, Update};
+
+/// A delivery claimed for sending, with everything needed to build the push.
+#[derive(Debug, Clone)]
+pub struct DueDelivery {
+    /// The update.
+    pub update: Update,
+    /// Its owner.
+    pub user_id: String,
+    /// Target device.
+    pub device_id: Uuid,
+    /// Device platform.
+    pub platform: Platform,
+    /// Device token.
+    pub token: String,
+    /// APNs environment.
+    pub environment: Option<ApnsEnvironment>,
+    /// App whose credentials to use.
+    pub app_id: String,
+    /// This attempt (1-based); fences the outcome.
+    pub attempt: i32,
+}
+
+/// What to record for one sent (or not sent) delivery.
+#[derive(Debug, Clone)]
+pub enum DeliveryOutcome {
+    /// The provider accepted it.
+    Sent {
+        /// Provider message id.
+        provider_id: Option<String>,
+    },
+    /// Try again at `at`.
+    Retry {
+        /// Next attempt.
+        at: DateTime<Utc>,
+        /// Why this one failed.
+        reason: String,
+    },
+    /// Give up on this delivery.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+    /// The token is dead: invalidate the device (unless it re-registered after `since`) and
+    /// drop its pending deliveries.
+    InvalidToken {
+        /// Provider reason.
+        reason: String,
+        /// APNs 410 timestamp.
+        since: Option<DateTime<Utc>>,
+    },
+    /// The provider is misconfigured: keep the delivery due at `until` without spending the
+    /// attempt.
+    Hold {
+        /// Next attempt.
+        until: DateTime<Utc>,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One outcome, fenced by the attempt that was claimed.
+#[derive(Debug, Clone)]
+pub struct DeliveryResult {
+    /// Update.
+    pub update_id: Uuid,
+    /// Device.
+    pub device_id: Uuid,
+    /// Claimed attempt.
+    pub attempt: i32,
+    /// What happened.
+    pub outcome: DeliveryOutcome,
+}
+
+/// Delivery and sync storage.
+#[async_trait]
+pub trait Outbox: Send + Sync + 'static {
+    /// Claim up to `max` due deliveries under a lease of `lease`.
+    async fn claim_deliveries(
+        &self,
+        max: i64,
+        lease: Duration,
+    ) -> Result<Vec<DueDelivery>, StoreError>;
+
+    /// Record a batch of outcomes in one transaction.
+    async fn record_deliveries(&self, results: &[DeliveryResult]) -> Result<(), StoreError>;
+
+    /// Deliveries whose sender vanished go back to pending.
+    async fn expire_delivery_leases(&self) -> Result<u64, StoreError>;
+
+    /// Append a published event to `user_id`'s log (with its deliveries).
+    async fn publish_event(&self, user_id: &str, update: &NewUpdate) -> Result<Update, StoreError>;
+
+    /// Record that `device_id` (the user's) has seen up to `seq`; false when it is not theirs.
+    async fn ack_updates(
+        &self,
+        user_id: &str,
+        device_id: Uuid,
+        seq: i64,
+    ) -> Result<bool, StoreError>;
+
+    /// Updates each of the user's devices has not acknowledged.
+    async fn unseen_counts(&self, user_id: &str) -> Result<HashMap<Uuid, i64>, StoreError>;
+
+    /// Delete updates (and their deliveries) and finished deliveries older than `before`.
+    async fn purge(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
+
+    /// Pending or in-flight deliveries (a gauge for /metrics and tests).
+    async fn pending_deliveries(&self) -> Result<i64, StoreError>;
+
+    /// Notified after every commit that appended updates (in-process wake-up for dispatch
+    /// and live streams; other nodes learn through PostgreSQL NOTIFY).
+    fn appended(&self) -> std::sync::Arc<tokio::sync::Notify>;
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct DueRow {
+    update_id: Uuid,
+    device_id: Uuid,
+    user_id: String,
+    attempts: i32,
+    platform: String,
+    token: String,
+    environment: Option<String>,
+    app_id: String,
+    seq: i64,
+    kind: String,
+    tracking_id: Option<Uuid>,
+    update_status: Option<String>,
+    data: Option<sqlx::types::Json<serde_json::Value>>,
+    notification: Option<sqlx::types::Json<crate::jobs::Notification>>,
+    created_at: DateTime<Utc>,
+}
+
+impl TryFrom<DueRow> for DueDelivery {
+    type Error = StoreError;
+
+    fn try_from(row: DueRow) -> Result<Self, StoreError> {
+        let platform = Platform::parse(&row.platform)
+            .ok_or_else(|| StoreError::Corrupt(format!("device platform {:?}", row.platform)))?;
+        Ok(DueDelivery {
+            update: Update {
+                seq: row.seq,
+                id: row.update_id,
+                kind: row.kind,
+                tracking_id: row.tracking_id,
+                status: row.update_status,
+                data: row.data.map(|j| j.0),
+                notification: row.notification.map(|j| j.0),
+                created_at: row.created_at,
+            },
+            user_id: row.user_id,
+            device_id: row.device_id,
+            platform,
+            token: row.token,
+            environment: row.environment.as_deref().and_then(ApnsEnvironment::parse),
+            app_id: row.app_id,
+            attempt: row.attempts,
+        })
+    }
+}
+
+/// Implement [`Outbox`] for `$ty` on `$db`; `$skip_locked` follows the claim's inner select,
+/// `$greatest` is the two-argument maximum function of the dialect.
+macro_rules! impl_outbox {
+    ($ty:ty, $db:ty, $skip_locked:literal, $greatest:literal) => {
+        #[async_trait::async_trait]
+        impl super::outbox::Outbox for $ty {
+            async fn claim_deliveries(
+                &self,
+                max: i64,
+                lease: std::time::Duration,
+            ) -> Result<Vec<super::outbox::DueDelivery>, super::StoreError> {
+                let now = chrono::Utc::now();
+                let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(60));
+                let token = uuid::Uuid::new_v4().to_string();
+                let mut tx = self.writer().begin().await?;
+                sqlx::query(concat!(
+                    "UPDATE deliveries SET status = 'sending', attempts = attempts + 1, lease_owner = $1, \
+                     lease_expires_at = $2, updated_at = $3 WHERE (update_id, device_id) IN \
+                     (SELECT update_id, device_id FROM deliveries WHERE status = 'pending' AND next_attempt_at <= $3 \
+                     ORDER BY next_attempt_at LIMIT $4",
+                    $skip_locked,
+                    ")"
+                ))
+                .bind(&token)
+                .bind(until)
+                .bind(now)
+                .bind(max)
+                .execute(&mut *tx)
+                .await?;
+                let rows: Vec<super::outbox::DueRow> = sqlx::query_as(
+                    "SELECT d.update_id, d.device_id, d.user_id, d.attempts, v.platform, v.token, v.environment, \
+                     v.app_id, u.seq, u.type AS kind, u.tracking_id, u.status AS update_status, u.data, \
+                     u.notification, u.created_at \
+                     FROM deliveries d JOIN updates u ON u.id = d.update_id JOIN devices v ON v.id = d.device_id \
+                     WHERE d.status = 'sending' AND d.lease_owner = $1 ORDER BY u.created_at",
+                )
+                .bind(&token)
+                .fetch_all(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            async fn record_deliveries(
+                &self,
+                results: &[super::outbox::DeliveryResult],
+            ) -> Result<(), super::StoreError> {
+                use super::outbox::DeliveryOutcome;
+                if results.is_empty() {
+                    return Ok(());
+                }
+                let now = chrono::Utc::now();
+                let mut tx = self.writer().begin().await?;
+                // Each statement is fenced: only the attempt that was claimed may write its outcome.
+                for r in results {
+                    let (sql, extra_a, extra_b): (&'static str, Option<String>, Option<chrono::DateTime<chrono::Utc>>) =
+                        match &r.outcome {
+                            DeliveryOutcome::Sent { provider_id } => (
+                                concat!(
+                                    "UPDATE deliveries SET status = 'sent', provider_id = $4, updated_at = $5, \
+                                     lease_owner = NULL, lease_expires_at = NULL",
+                                    " WHERE update_id = $1 AND device_id = $2 AND status = 'sending' AND attempts = $3"
+                                ),
+                                provider_id.clone(),
+                                None,
+                            ),
+                            DeliveryOutcome::Retry { at, reason } => (
+                                concat!(
+                                    "UPDATE deliveries SET status = 'pending', last_error = $4, updated_at = $5, \
+                                     next_attempt_at = $6, lease_owner = NULL, lease_expires_at = NULL",
+                                    " WHERE update_id = $1 AND device_id = $2 AND status = 'sending' AND attempts = $3"
+                                ),
+                                Some(reason.clone()),
+                                Some(*at),
+                            ),
+                            DeliveryOutcome::Hold { until, reason } => (
+                                concat!(
+                                    "UPDATE deliveries SET status = 'pending', attempts = attempts - 1, last_error = $4, \
+                                     updated_at = $5, next_attempt_at = $6, lease_owner = NULL, lease_expires_at = NULL",
+                                    " WHERE update_id = $1 AND device_id = $2 AND status = 'sending' AND attempts = $3"
+                                ),
+                                Some(reason.clone()),
+                                Some(*until),
+                            ),
+                            DeliveryOutcome::Failed { reason } | DeliveryOutcome::InvalidToken { reason, .. } => (
+                                concat!(
+                                    "UPDATE deliveries SET status = 'failed', last_error = $4, updated_at = $5, \
+                                     lease_owner = NULL, lease_expires_at = NULL",
+                                    " WHERE update_id = $1 AND device_id = $2 AND status = 'sending' AND attempts = $3"
+                                ),
+                                Some(reason.clone()),
+                                None,
+                            ),
+                        };
+                    let mut query = sqlx::query(sql)
+                        .bind(r.update_id)
+                        .bind(r.device_id)
+                        .bind(r.attempt)
+                        .bind(extra_a)
+                        .bind(now);
+                    if let Some(at) = extra_b {
+                        query = query.bind(at);
+                    }
+                    let done = query.execute(&mut *tx).await?;
+                    if done.rows_affected() == 0 {
+                        continue;
+                    }
+                    match &r.outcome {
+                        DeliveryOutcome::Sent { .. } => {
+                            sqlx::query("UPDATE devices SET last_push_at = $2 WHERE id = $1")
+                                .bind(r.device_id)
+                                .bind(now)
+                                .execute(&mut *tx)
+                                .await?;
+                        }
+                        DeliveryOutcome::InvalidToken { reason, since } => {
+                            let invalidated = sqlx::query(rows::INVALIDATE_DEVICE)
+                                .bind(r.device_id)
+                                .bind(reason)
+                                .bind(*since)
+                                .execute(&mut *tx)
+                                .await?
+                                .rows_affected();
+                            if invalidated > 0 {
+                                // Never targeted again: what was still queued for it goes.
+                                sqlx::query(
+                                    "UPDATE deliveries SET status = 'dropped', last_error = $2, updated_at = $3 \
+                                     WHERE device_id = $1 AND status = 'pending'",
+                                )
+                                .bind(r.device_id)
+                                .bind(format!("device invalid: {reason}"))
+                                .bind(now)
+                                .execute(&mut *tx)
+                                .await?;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn expire_delivery_leases(&self) -> Result<u64, super::StoreError> {
+                let now = chrono::Utc::now();
+                let done = sqlx::query(
+                    "UPDATE deliveries SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL, \
+                     next_attempt_at = $1 WHERE status = 'sending' AND lease_expires_at <= $1",
+                )
+                .bind(now)
+                .execute(self.writer())
+                .await?;
+                Ok(done.rows_affected())
+            }
+
+            async fn publish_event(
+                &self,
+                user_id: &str,
+                update: &$crate::updates::NewUpdate,
+            ) -> Result<$crate::updates::Update, super::StoreError> {
+                let now = chrono::Utc::now();
+                let mut tx = self.writer().begin().await?;
+                let appended = Self::append_update(&mut tx, user_id, update, now).await?;
+                tx.commit().await?;
+                self.signal_appended();
+                Ok(appended)
+            }
+
+            async fn ack_updates(&self, user_id: &str, device_id: uuid::Uuid, seq: i64) -> Result<bool, super::StoreError> {
+                let done = sqlx::query(concat!(
+                    "INSERT INTO device_cursors (device_id, seq) SELECT id, $3 FROM devices WHERE id = $1 AND user_id = $2 \
+                     ON CONFLICT (device_id) DO UPDATE SET seq = ",
+                    $greatest,
+                    "(device_cursors.seq, excluded.seq)"
+                ))
+                .bind(device_id)
+                .bind(user_id)
+                .bind(seq)
+                .execute(self.writer())
+                .await?;
+                Ok(done.rows_affected() > 0)
+            }
+
+            async fn unseen_counts(
+                &self,
+                user_id: &str,
+            ) -> Result<std::collections::HashMap<uuid::Uuid, i64>, super::StoreError> {
+                let rows: Vec<(uuid::Uuid, i64)> = sqlx::query_as(
+                    "SELECT v.id, (SELECT count(*) FROM updates u WHERE u.user_id = v.user_id \
+                     AND u.seq > COALESCE(c.seq, 0)) FROM devices v LEFT JOIN device_cursors c ON c.device_id = v.id \
+                     WHERE v.user_id = $1",
+                )
+                .bind(user_id)
+                .fetch_all(self.reader())
+                .await?;
+                Ok(rows.into_iter().collect())
+            }
+
+            async fn purge(&self, before: chrono::DateTime<chrono::Utc>) -> Result<u64, super::StoreError> {
+                let mut tx = self.writer().begin().await?;
+                let finished = sqlx::query(
+                    "DELETE FROM deliveries WHERE status IN ('sent', 'failed', 'dropped') AND updated_at < $1",
+                )
+                .bind(before)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                let updates = sqlx::query("DELETE FROM updates WHERE created_at < $1")
+                    .bind(before)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                tx.commit().await?;
+                Ok(finished + updates)
+            }
+
+            fn appended(&self) -> std::sync::Arc<tokio::sync::Notify> {
+                self.appended.clone()
+            }
+
+            async fn pending_deliveries(&self) -> Result<i64, super::StoreError> {
+                Ok(sqlx::query_scalar("SELECT count(*) FROM deliveries WHERE status IN ('pending', 'sending')")
+                    .fetch_one(self.reader())
+                    .await?)
+            }
+        }
+    };
+}
+
+pub(super) use impl_outbox;
