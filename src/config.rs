@@ -83,6 +83,8 @@ pub struct Config {
     pub queue: QueueConfig,
     /// Job kinds by name.
     pub kinds: BTreeMap<String, KindConfig>,
+    /// Turning updates into pushes.
+    pub dispatch: DispatchConfig,
     /// Push apps: the first is the default `appId`.
     #[serde(default)]
     pub apps: Vec<AppConfig>,
@@ -104,6 +106,30 @@ pub struct QueueConfig {
     pub backoff_max_ms: u64,
     /// Grace period for running jobs on shutdown, seconds.
     pub shutdown_grace_secs: u64,
+}
+
+/// `[dispatch]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DispatchConfig {
+    /// Deliveries claimed at once (and in flight per node).
+    pub batch_size: usize,
+    /// Pushes in flight per app and provider.
+    pub concurrency: usize,
+    /// Attempts before a delivery fails.
+    pub max_attempts: i32,
+    /// Push lifetime, seconds.
+    pub push_ttl_secs: u64,
+    /// Backoff base, milliseconds.
+    pub backoff_base_ms: u64,
+    /// Backoff cap, milliseconds.
+    pub backoff_max_ms: u64,
+    /// Hold time for a misconfigured provider, seconds.
+    pub hold_secs: u64,
+    /// Lease on claimed deliveries, seconds.
+    pub lease_secs: u64,
+    /// Fallback poll interval, milliseconds.
+    pub poll_interval_ms: u64,
 }
 
 /// `[kinds."name"]`
@@ -262,6 +288,16 @@ impl Config {
         }
         if self.queue.concurrency == 0 {
             return Err(ConfigError("queue.concurrency: must be at least 1".into()));
+        }
+        if self.dispatch.batch_size == 0 || self.dispatch.concurrency == 0 {
+            return Err(ConfigError(
+                "dispatch.batch_size / dispatch.concurrency: must be at least 1".into(),
+            ));
+        }
+        if self.dispatch.max_attempts < 1 {
+            return Err(ConfigError(
+                "dispatch.max_attempts: must be at least 1".into(),
+            ));
         }
         if self.queue.lease_secs < 3 {
             return Err(ConfigError("queue.lease_secs: must be at least 3".into()));

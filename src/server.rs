@@ -12,9 +12,11 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, AppState};
 use crate::auth::Authenticator;
 use crate::config::{Config, Secret};
+use crate::dispatch::Dispatcher;
 use crate::jobs::Registry;
 use crate::queue::wakeup::listen_postgres;
 use crate::queue::{Backoff, Intake, Wakeup, Workers};
+use crate::store::postgres::{JOBS_CHANNEL, UPDATES_CHANNEL};
 use crate::store::{self, Engine, Store};
 
 /// Why a node could not start; each message is one line an operator can act on.
@@ -150,9 +152,27 @@ pub async fn start(
     };
     let mut tasks = JoinSet::new();
     if store.engine() == Engine::Postgres {
+        // Other nodes announce new jobs and appended updates; relay them to this node's loops.
         let url = config.database.url.expose().to_string();
-        tasks.spawn(listen_postgres(url, wakeup.clone(), shutdown.clone()));
+        let (jobs_wake, updates_wake) = (wakeup.clone(), store.appended());
+        let wake = move |channel: &str| {
+            if channel == JOBS_CHANNEL {
+                jobs_wake.job_available();
+            } else {
+                updates_wake.notify_one();
+            }
+        };
+        tasks.spawn(listen_postgres(
+            url,
+            vec![JOBS_CHANNEL, UPDATES_CHANNEL],
+            wake,
+            shutdown.clone(),
+        ));
     }
+    tasks.spawn(
+        Dispatcher::new(store.clone(), providers.clone(), config.dispatch.clone())
+            .run(shutdown.clone()),
+    );
     let mut registry = Registry::new();
     for (name, kind) in &config.kinds {
         if let Some(handler) = Registry::builtin(&kind.handler) {

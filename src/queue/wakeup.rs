@@ -7,8 +7,6 @@ use sqlx::postgres::PgListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::postgres::JOBS_CHANNEL;
-
 /// Signals that work may be waiting.
 #[derive(Default)]
 pub struct Wakeup {
@@ -26,17 +24,19 @@ impl Wakeup {
     }
 }
 
-/// Relay NOTIFYs on the jobs channel into `wakeup` until `shutdown`, reconnecting on failure.
+/// Relay NOTIFYs on `channels` to `wake` until `shutdown`, reconnecting on failure (and waking
+/// after a reconnect, since announcements may have been missed meanwhile).
 pub async fn listen_postgres(
     url: String,
-    wakeup: std::sync::Arc<Wakeup>,
+    channels: Vec<&'static str>,
+    wake: impl Fn(&str) + Send + 'static,
     shutdown: CancellationToken,
 ) {
     let mut delay = Duration::from_millis(200);
     while !shutdown.is_cancelled() {
         let listener = async {
             let mut listener = PgListener::connect(&url).await?;
-            listener.listen(JOBS_CHANNEL).await?;
+            listener.listen_all(channels.iter().copied()).await?;
             Ok::<_, sqlx::Error>(listener)
         };
         let mut listener = match listener.await {
@@ -55,11 +55,12 @@ pub async fn listen_postgres(
         loop {
             tokio::select! {
                 received = listener.recv() => match received {
-                    Ok(_) => wakeup.job_available(),
+                    Ok(notification) => wake(notification.channel()),
                     Err(err) => {
                         tracing::warn!(error = %err, "LISTEN connection lost");
-                        // Work may have been announced while we were away.
-                        wakeup.job_available();
+                        for channel in &channels {
+                            wake(channel);
+                        }
                         break;
                     }
                 },

@@ -1,0 +1,326 @@
+//! The dispatcher: claims due deliveries from the outbox, sends them through APNs and FCM with
+//! bounded concurrency per app and provider, and records the outcomes in batches.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::config::DispatchConfig;
+use crate::devices::{ApnsEnvironment, Platform};
+use crate::providers::{Providers, PushOutcome, apns};
+use crate::queue::Backoff;
+use crate::store::{DeliveryOutcome, DeliveryResult, DueDelivery, Store};
+
+pub mod payload;
+
+/// How often deliveries whose sender vanished are made due again.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Shared by every send task.
+struct Context {
+    providers: Providers,
+    config: DispatchConfig,
+    backoff: Backoff,
+    /// Pushes in flight per (app, platform).
+    gates: Mutex<HashMap<(String, Platform), Arc<Semaphore>>>,
+    /// Providers that rejected our credentials, held until the instant given.
+    holds: Mutex<HashMap<(String, Platform), DateTime<Utc>>>,
+}
+
+impl Context {
+    fn gate(&self, app: &str, platform: Platform) -> Arc<Semaphore> {
+        let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        gates
+            .entry((app.to_string(), platform))
+            .or_insert_with(|| Arc::new(Semaphore::new(self.config.concurrency)))
+            .clone()
+    }
+
+    fn held_until(&self, app: &str, platform: Platform) -> Option<DateTime<Utc>> {
+        let holds = self.holds.lock().unwrap_or_else(|p| p.into_inner());
+        holds
+            .get(&(app.to_string(), platform))
+            .copied()
+            .filter(|until| *until > Utc::now())
+    }
+
+    fn hold(&self, app: &str, platform: Platform, until: DateTime<Utc>) {
+        let mut holds = self.holds.lock().unwrap_or_else(|p| p.into_inner());
+        holds.insert((app.to_string(), platform), until);
+    }
+}
+
+/// Sends every update to every active device of its user.
+pub struct Dispatcher {
+    store: Arc<dyn Store>,
+    context: Arc<Context>,
+}
+
+impl Dispatcher {
+    /// A dispatcher sending through `providers`.
+    pub fn new(store: Arc<dyn Store>, providers: Providers, config: DispatchConfig) -> Self {
+        let backoff = Backoff::new(config.backoff_base_ms, config.backoff_max_ms);
+        Self {
+            store,
+            context: Arc::new(Context {
+                providers,
+                config,
+                backoff,
+                gates: Mutex::new(HashMap::new()),
+                holds: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Claim, send and record until `shutdown`; in-flight sends are finished and recorded.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let config = &self.context.config;
+        let inflight = Arc::new(Semaphore::new(config.batch_size));
+        let (results, results_rx) = mpsc::channel(config.batch_size * 2);
+        let recorder = tokio::spawn(record_loop(self.store.clone(), results_rx));
+        let appended = self.store.appended();
+        let poll = Duration::from_millis(config.poll_interval_ms.max(10));
+        let lease = Duration::from_secs(config.lease_secs);
+        let mut last_sweep = Instant::now() - SWEEP_EVERY;
+        let mut db_backoff = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            if last_sweep.elapsed() >= SWEEP_EVERY {
+                last_sweep = Instant::now();
+                match self.store.expire_delivery_leases().await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(deliveries = n, "expired delivery leases made due again")
+                    }
+                    Err(err) => tracing::warn!(error = %err, "delivery lease sweep failed"),
+                }
+            }
+            let free = inflight.available_permits();
+            if free == 0 {
+                // Every slot is busy: wait for one to free up.
+                tokio::select! {
+                    permit = inflight.acquire() => drop(permit),
+                    _ = shutdown.cancelled() => break,
+                }
+                continue;
+            }
+            // Register for the wake-up before looking, so an append in between is not missed.
+            let notified = appended.notified();
+            let claimed = match self.store.claim_deliveries(free as i64, lease).await {
+                Ok(claimed) => {
+                    db_backoff = Duration::from_millis(100);
+                    claimed
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "claiming deliveries failed; backing off");
+                    tokio::select! {
+                        _ = tokio::time::sleep(db_backoff) => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                    db_backoff = (db_backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            if claimed.is_empty() {
+                tokio::select! {
+                    _ = notified => {}
+                    _ = tokio::time::sleep(poll) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+                continue;
+            }
+            for delivery in claimed {
+                let Ok(permit) = inflight.clone().acquire_owned().await else {
+                    break;
+                };
+                let context = self.context.clone();
+                let results = results.clone();
+                let span = tracing::info_span!(
+                    "delivery",
+                    tracking_id = ?delivery.update.tracking_id,
+                    device_id = %delivery.device_id,
+                    seq = delivery.update.seq,
+                    attempt = delivery.attempt,
+                );
+                tokio::spawn(
+                    async move {
+                        let result = send_one(&context, delivery).await;
+                        let _ = results.send(result).await;
+                        drop(permit);
+                    }
+                    .instrument(span),
+                );
+            }
+        }
+        // Let in-flight sends finish (provider requests time out on their own), then record.
+        let all = u32::try_from(config.batch_size).unwrap_or(u32::MAX);
+        let _ = tokio::time::timeout(Duration::from_secs(35), inflight.acquire_many(all)).await;
+        drop(results);
+        let _ = recorder.await;
+        tracing::info!("dispatcher stopped");
+    }
+}
+
+/// Persist outcomes in batches: whatever arrived while the previous batch was written.
+async fn record_loop(store: Arc<dyn Store>, mut rx: mpsc::Receiver<DeliveryResult>) {
+    let mut batch = Vec::with_capacity(512);
+    while rx.recv_many(&mut batch, 512).await > 0 {
+        let mut delay = Duration::from_millis(50);
+        for attempt in 0..6 {
+            match store.record_deliveries(&batch).await {
+                Ok(()) => break,
+                Err(err) if attempt < 5 => {
+                    tracing::warn!(error = %err, "recording delivery outcomes failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                Err(err) => {
+                    // The leases expire and these deliveries are sent again: at least once.
+                    tracing::error!(error = %err, deliveries = batch.len(), "could not record delivery outcomes");
+                }
+            }
+        }
+        batch.clear();
+    }
+}
+
+fn provider_label(platform: Platform) -> &'static str {
+    match platform {
+        Platform::Apns => "apns",
+        Platform::Fcm => "fcm",
+    }
+}
+
+/// Send one delivery and decide what to record.
+async fn send_one(context: &Context, delivery: DueDelivery) -> DeliveryResult {
+    let config = &context.config;
+    let platform = delivery.platform;
+    let app = delivery.app_id.clone();
+    let ttl =
+        chrono::Duration::seconds(i64::try_from(config.push_ttl_secs).unwrap_or(i64::MAX / 2));
+    let expires = delivery.update.created_at + ttl;
+    let now = Utc::now();
+    let outcome = if now >= expires {
+        DeliveryOutcome::Failed {
+            reason: "expired before it could be delivered".into(),
+        }
+    } else if let Some(until) = context.held_until(&app, platform) {
+        DeliveryOutcome::Hold {
+            until,
+            reason: "provider credentials rejected; holding".into(),
+        }
+    } else {
+        let gate = context.gate(&app, platform);
+        let _slot = gate.acquire_owned().await;
+        let pushed = push(context, &delivery, expires).await;
+        classify(context, &delivery, pushed, expires)
+    };
+    let label = match &outcome {
+        DeliveryOutcome::Sent { .. } => {
+            let lag = (Utc::now() - delivery.update.created_at)
+                .to_std()
+                .unwrap_or_default();
+            metrics::histogram!("herald_delivery_lag_seconds", "provider" => provider_label(platform))
+                .record(lag.as_secs_f64());
+            "delivered"
+        }
+        DeliveryOutcome::Retry { .. } => "retry",
+        DeliveryOutcome::Failed { .. } => "failed",
+        DeliveryOutcome::InvalidToken { .. } => {
+            metrics::counter!("herald_pruned_tokens_total", "provider" => provider_label(platform), "app" => app.clone())
+                .increment(1);
+            "invalid_token"
+        }
+        DeliveryOutcome::Hold { .. } => "held",
+    };
+    metrics::counter!("herald_pushes_total", "provider" => provider_label(platform), "app" => app, "outcome" => label)
+        .increment(1);
+    tracing::debug!(outcome = label, "push attempt finished");
+    DeliveryResult {
+        update_id: delivery.update.id,
+        device_id: delivery.device_id,
+        attempt: delivery.attempt,
+        outcome,
+    }
+}
+
+/// The provider call; `Err` is a reason this delivery can never be sent.
+async fn push(
+    context: &Context,
+    delivery: &DueDelivery,
+    expires: DateTime<Utc>,
+) -> Result<PushOutcome, String> {
+    match delivery.platform {
+        Platform::Apns => {
+            let sender = context
+                .providers
+                .apns(&delivery.app_id)
+                .ok_or_else(|| format!("app {} has no APNs credentials", delivery.app_id))?;
+            let environment = match delivery.environment {
+                Some(ApnsEnvironment::Sandbox) => apns::Environment::Sandbox,
+                _ => apns::Environment::Production,
+            };
+            let request =
+                payload::apns_request(&delivery.update, &delivery.token, environment, expires)
+                    .map_err(|e| e.to_string())?;
+            Ok(sender.send(&request).await)
+        }
+        Platform::Fcm => {
+            let sender = context
+                .providers
+                .fcm(&delivery.app_id)
+                .ok_or_else(|| format!("app {} has no FCM credentials", delivery.app_id))?;
+            let left = (expires - Utc::now()).to_std().unwrap_or_default();
+            let request = payload::fcm_request(&delivery.update, &delivery.token, left);
+            Ok(sender.send(&request).await)
+        }
+    }
+}
+
+/// Map the provider's class to what the outbox records.
+fn classify(
+    context: &Context,
+    delivery: &DueDelivery,
+    pushed: Result<PushOutcome, String>,
+    expires: DateTime<Utc>,
+) -> DeliveryOutcome {
+    let config = &context.config;
+    match pushed {
+        Err(reason) => DeliveryOutcome::Failed { reason },
+        Ok(PushOutcome::Delivered { provider_id }) => DeliveryOutcome::Sent { provider_id },
+        Ok(PushOutcome::InvalidToken { reason, since }) => {
+            DeliveryOutcome::InvalidToken { reason, since }
+        }
+        Ok(PushOutcome::Permanent { reason }) => DeliveryOutcome::Failed { reason },
+        Ok(PushOutcome::Misconfigured { reason }) => {
+            let until = Utc::now()
+                + chrono::Duration::seconds(i64::try_from(config.hold_secs).unwrap_or(60));
+            context.hold(&delivery.app_id, delivery.platform, until);
+            metrics::counter!("herald_provider_misconfigured_total", "provider" => provider_label(delivery.platform), "app" => delivery.app_id.clone())
+                .increment(1);
+            tracing::error!(app = %delivery.app_id, provider = provider_label(delivery.platform), %reason,
+                "provider rejected Herald's credentials; holding its deliveries");
+            DeliveryOutcome::Hold { until, reason }
+        }
+        Ok(PushOutcome::Retry {
+            retry_after,
+            reason,
+        }) => {
+            let backoff = context.backoff.delay(delivery.attempt);
+            // Never earlier than the provider asked.
+            let wait = retry_after.map_or(backoff, |after| after.max(backoff));
+            let at = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+            if delivery.attempt >= config.max_attempts || at >= expires {
+                DeliveryOutcome::Failed {
+                    reason: format!("gave up after {} attempts: {reason}", delivery.attempt),
+                }
+            } else {
+                DeliveryOutcome::Retry { at, reason }
+            }
+        }
+    }
+}
