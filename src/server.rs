@@ -131,12 +131,18 @@ pub async fn start(
     let wakeup = Arc::new(Wakeup::default());
     // The committer outlives the HTTP server's drain: it stops on its own token after it.
     let intake_stop = CancellationToken::new();
-    // SQLite has one writer; PostgreSQL commits batches side by side on a few connections.
-    let committers = match store.engine() {
-        Engine::Sqlite => 1,
-        Engine::Postgres => (config.database.max_connections as usize / 4).clamp(1, 4),
+    // SQLite has one writer: one committer, big batches. On PostgreSQL a batch costs a round
+    // trip per row, so smaller batches on a few connections commit side by side instead of
+    // every waiting request riding (and waiting for) one long transaction.
+    let (committers, max_batch) = match store.engine() {
+        Engine::Sqlite => (1, 256),
+        Engine::Postgres => (
+            (config.database.max_connections as usize / 4).clamp(1, 4),
+            16,
+        ),
     };
-    let (intake, intake_task) = Intake::spawn(store.clone(), committers, intake_stop.clone());
+    let (intake, intake_task) =
+        Intake::spawn(store.clone(), committers, max_batch, intake_stop.clone());
     let backoff = Backoff::new(config.queue.backoff_base_ms, config.queue.backoff_max_ms);
     let state = AppState {
         store: store.clone(),

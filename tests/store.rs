@@ -143,7 +143,61 @@ async fn concurrent_registrations_of_one_token_make_one_device(engine: Engine) {
     assert_eq!(store.list_devices("alice").await.unwrap().len(), 1);
 }
 
+fn job(user: &str, n: i64, key: Option<&str>) -> herald::jobs::NewJob {
+    herald::jobs::NewJob {
+        user_id: user.into(),
+        kind: format!("kind-{n}"),
+        input: serde_json::json!({ "n": n }),
+        callback_url: None,
+        notify: None,
+        idempotency_key: key.map(String::from),
+        request_hash: format!("hash-{n}"),
+        max_attempts: 3,
+    }
+}
+
+async fn group_commit_keeps_order_and_idempotency(engine: Engine) {
+    use herald::jobs::CreateOutcome;
+    let (_db, store) = open(engine).await;
+    // No keys: the engine may insert the batch in one statement; outcomes stay in input order.
+    let batch: Vec<_> = (0..20)
+        .map(|n| job(if n % 2 == 0 { "alice" } else { "bob" }, n, None))
+        .collect();
+    let outcomes = store.create_jobs(&batch).await.unwrap();
+    assert_eq!(outcomes.len(), 20);
+    for (n, outcome) in outcomes.iter().enumerate() {
+        match outcome {
+            CreateOutcome::Created(job) => assert_eq!(job.kind, format!("kind-{n}")),
+            other => panic!("{other:?}"),
+        }
+    }
+    // One key twice in a batch: the second is a replay of the first; another body is refused.
+    let mut twin = job("alice", 100, Some("k"));
+    twin.kind = "kind-100".into();
+    let mut other = job("alice", 101, Some("k"));
+    other.request_hash = "different".into();
+    let outcomes = store
+        .create_jobs(&[job("alice", 100, Some("k")), twin, other])
+        .await
+        .unwrap();
+    let first = match &outcomes[0] {
+        CreateOutcome::Created(job) => job.tracking_id,
+        other => panic!("{other:?}"),
+    };
+    assert!(matches!(&outcomes[1], CreateOutcome::Replayed(job) if job.tracking_id == first));
+    assert!(matches!(&outcomes[2], CreateOutcome::KeyReused));
+    assert_eq!(
+        store
+            .list_jobs("alice", None, None, 100)
+            .await
+            .unwrap()
+            .len(),
+        11
+    );
+}
+
 both_engines!(
+    group_commit_keeps_order_and_idempotency,
     migrations_are_idempotent_and_ping_works,
     upsert_creates_then_refreshes,
     token_moves_between_users,

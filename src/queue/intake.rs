@@ -26,13 +26,19 @@ impl Intake {
     pub fn spawn(
         store: Arc<dyn Store>,
         committers: usize,
+        max_batch: usize,
         shutdown: CancellationToken,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
         let rx = Arc::new(Mutex::new(rx));
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..committers.max(1) {
-            tasks.spawn(commit_loop(store.clone(), rx.clone(), shutdown.clone()));
+            tasks.spawn(commit_loop(
+                store.clone(),
+                rx.clone(),
+                max_batch.clamp(1, MAX_BATCH),
+                shutdown.clone(),
+            ));
         }
         let task = tokio::spawn(async move { while tasks.join_next().await.is_some() {} });
         (Self { tx }, task)
@@ -50,9 +56,10 @@ impl Intake {
 async fn commit_loop(
     store: Arc<dyn Store>,
     rx: Arc<Mutex<mpsc::Receiver<(NewJob, Reply)>>>,
+    max_batch: usize,
     shutdown: CancellationToken,
 ) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut batch = Vec::with_capacity(max_batch);
     loop {
         // Whatever queued up while the previous commit ran goes into the next one: no timer,
         // so a lone request is never delayed waiting for company. The lock is held only while
@@ -60,10 +67,10 @@ async fn commit_loop(
         let received = {
             let mut rx = rx.lock().await;
             tokio::select! {
-                n = rx.recv_many(&mut batch, MAX_BATCH) => n,
+                n = rx.recv_many(&mut batch, max_batch) => n,
                 _ = shutdown.cancelled() => {
                     rx.close();
-                    rx.recv_many(&mut batch, MAX_BATCH).await
+                    rx.recv_many(&mut batch, max_batch).await
                 }
             }
         };

@@ -91,6 +91,53 @@ impl PgStore {
         .await
     }
 
+    /// One round trip for a whole batch of submissions (a round trip per row is what limits a
+    /// group commit on PostgreSQL). Rows come back in input order.
+    async fn insert_jobs_at_once(
+        tx: &mut Transaction<'_, Postgres>,
+        jobs: &[crate::jobs::NewJob],
+        now: DateTime<Utc>,
+    ) -> Result<Option<Vec<rows::JobRow>>, sqlx::Error> {
+        let ids: Vec<uuid::Uuid> = jobs.iter().map(|_| uuid::Uuid::now_v7()).collect();
+        let users: Vec<&str> = jobs.iter().map(|j| j.user_id.as_str()).collect();
+        let kinds: Vec<&str> = jobs.iter().map(|j| j.kind.as_str()).collect();
+        let inputs: Vec<sqlx::types::Json<&serde_json::Value>> =
+            jobs.iter().map(|j| sqlx::types::Json(&j.input)).collect();
+        let max_attempts: Vec<i32> = jobs.iter().map(|j| j.max_attempts).collect();
+        let callbacks: Vec<Option<&str>> = jobs.iter().map(|j| j.callback_url.as_deref()).collect();
+        let notifies: Vec<Option<sqlx::types::Json<&crate::jobs::Notify>>> = jobs
+            .iter()
+            .map(|j| j.notify.as_ref().map(sqlx::types::Json))
+            .collect();
+        let hashes: Vec<&str> = jobs.iter().map(|j| j.request_hash.as_str()).collect();
+        let inserted: Vec<rows::JobRow> = sqlx::query_as(concat!(
+            "INSERT INTO jobs (id, user_id, kind, input, status, attempts, max_attempts, callback_url, notify, \
+             request_hash, run_at, created_at, updated_at) \
+             SELECT id, user_id, kind, input, 'pending', 0, max_attempts, callback_url, notify, request_hash, $9, $9, $9 \
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::int[], $6::text[], $7::jsonb[], $8::text[]) \
+             AS t(id, user_id, kind, input, max_attempts, callback_url, notify, request_hash) RETURNING ",
+            job_columns!()
+        ))
+        .bind(&ids)
+        .bind(&users)
+        .bind(&kinds)
+        .bind(&inputs)
+        .bind(&max_attempts)
+        .bind(&callbacks)
+        .bind(&notifies)
+        .bind(&hashes)
+        .bind(now)
+        .fetch_all(&mut **tx)
+        .await?;
+        // RETURNING order is not promised: put rows back in input order by id.
+        let mut by_id: std::collections::HashMap<uuid::Uuid, rows::JobRow> =
+            inserted.into_iter().map(|row| (row.id, row)).collect();
+        let ordered: Option<Vec<rows::JobRow>> = ids.iter().map(|id| by_id.remove(id)).collect();
+        ordered.map(Some).ok_or_else(|| {
+            sqlx::Error::Protocol("bulk insert returned fewer rows than it was given".into())
+        })
+    }
+
     /// Tells every node's dispatcher and live streams that updates were appended.
     async fn notify_updates(tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
         sqlx::query("SELECT pg_notify($1, '')")

@@ -211,7 +211,7 @@ pub(super) const LIST_UPDATES: &str = "SELECT seq, id, type, tracking_id, status
 
 #[derive(Debug, sqlx::FromRow)]
 pub(super) struct JobRow {
-    id: Uuid,
+    pub(super) id: Uuid,
     #[allow(dead_code)]
     user_id: String,
     kind: String,

@@ -209,6 +209,18 @@ macro_rules! impl_store {
                 use $crate::jobs::CreateOutcome;
                 let now = chrono::Utc::now();
                 let mut tx = self.writer().begin().await?;
+                // Without idempotency keys nothing can conflict, so an engine may insert the
+                // whole batch in one statement.
+                if jobs.iter().all(|j| j.idempotency_key.is_none()) {
+                    if let Some(rows) = Self::insert_jobs_at_once(&mut tx, jobs, now).await? {
+                        Self::notify_jobs(&mut tx, "").await?;
+                        tx.commit().await?;
+                        return rows
+                            .into_iter()
+                            .map(|row| Ok(CreateOutcome::Created(row.try_into()?)))
+                            .collect();
+                    }
+                }
                 let mut outcomes = Vec::with_capacity(jobs.len());
                 let mut created = false;
                 for job in jobs {

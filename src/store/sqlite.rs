@@ -94,6 +94,15 @@ impl SqliteStore {
         .await
     }
 
+    /// The single writer makes per-row inserts cheap; no bulk path needed.
+    async fn insert_jobs_at_once(
+        _tx: &mut Transaction<'_, Sqlite>,
+        _jobs: &[crate::jobs::NewJob],
+        _now: DateTime<Utc>,
+    ) -> Result<Option<Vec<rows::JobRow>>, sqlx::Error> {
+        Ok(None)
+    }
+
     /// In-process wake-ups are enough for a single node.
     async fn notify_updates(_tx: &mut Transaction<'_, Sqlite>) -> Result<(), sqlx::Error> {
         Ok(())
