@@ -73,6 +73,15 @@ fn lost() -> ApiError {
     )
 }
 
+/// 204 when the write happened under the lease, else 409.
+fn held(written: bool) -> Result<StatusCode, ApiError> {
+    if written {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(lost())
+    }
+}
+
 fn job_id(id: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(id).map_err(|_| lost())
 }
@@ -219,15 +228,12 @@ async fn progress(
     }
     let data = f.opt_object("data").map(|m| Value::Object(m.clone()));
     let percent = f.finish(|| percent)?;
-    if state
-        .store
-        .progress_job(&lease, percent as i32, data)
-        .await?
-    {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(lost())
-    }
+    held(
+        state
+            .store
+            .progress_job(&lease, percent as i32, data)
+            .await?,
+    )
 }
 
 /// Complete (`{"result": {...}, "notification": {"title", "body"}}`).
@@ -251,15 +257,12 @@ async fn complete(
         body: n.opt_text("body", 2048).map(String::from),
     });
     f.finish(|| Some(()))?;
-    if state
-        .store
-        .complete_job(&lease, &result, notification.as_ref())
-        .await?
-    {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(lost())
-    }
+    held(
+        state
+            .store
+            .complete_job(&lease, &result, notification.as_ref())
+            .await?,
+    )
 }
 
 /// Fail (`{"error": {"code", "message"}, "retryable": bool}`); retryable failures back off and

@@ -10,48 +10,18 @@ use serde::Deserialize;
 
 use crate::providers::PushOutcome;
 
-/// An APNs error `reason`, with an arm for reasons Apple adds later.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-#[allow(missing_docs)] // The variants are Apple's reason strings verbatim.
-pub enum ApnsReason {
-    BadCollapseId,
-    BadDeviceToken,
-    BadExpirationDate,
-    BadMessageId,
-    BadPriority,
-    BadTopic,
-    DeviceTokenNotForTopic,
-    DuplicateHeaders,
-    IdleTimeout,
-    InvalidPushType,
-    MissingDeviceToken,
-    MissingTopic,
-    PayloadEmpty,
-    TopicDisallowed,
-    BadCertificate,
-    BadCertificateEnvironment,
-    ExpiredProviderToken,
-    Forbidden,
-    InvalidProviderToken,
-    MissingProviderToken,
-    UnrelatedKeyIdInToken,
-    BadEnvironmentKeyIdInToken,
-    BadPath,
-    MethodNotAllowed,
-    ExpiredToken,
-    Unregistered,
-    PayloadTooLarge,
-    TooManyProviderTokenUpdates,
-    TooManyRequests,
-    InternalServerError,
-    ServiceUnavailable,
-    Shutdown,
-    /// A reason this code does not know; classified by status alone.
-    Unknown(String),
-}
-
+/// Declares the reason enum and its parsing from one list, so the two cannot drift apart.
 macro_rules! reasons {
     ($($name:ident),* $(,)?) => {
+        /// An APNs error `reason`, with an arm for reasons Apple adds later.
+        #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+        #[allow(missing_docs)] // The variants are Apple's reason strings verbatim.
+        pub enum ApnsReason {
+            $($name,)*
+            /// A reason this code does not know; classified by status alone.
+            Unknown(String),
+        }
+
         impl ApnsReason {
             /// Parses Apple's reason string; unknown ones are kept verbatim.
             pub fn parse(s: &str) -> Self {
