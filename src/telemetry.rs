@@ -66,3 +66,37 @@ pub async fn record_http_metrics(req: Request, next: Next) -> Response {
         .record(started.elapsed().as_secs_f64());
     response
 }
+
+/// Refresh the storage gauges (jobs by status, queue depth, deliveries waiting) every `every`
+/// until `shutdown`; each node reports the shared database's view.
+pub async fn run_gauges(
+    store: std::sync::Arc<dyn crate::store::Store>,
+    every: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    const STATUSES: [&str; 5] = ["pending", "processing", "completed", "failed", "canceled"];
+    loop {
+        if let Ok(counts) = store.job_counts().await {
+            for status in STATUSES {
+                let n = counts
+                    .iter()
+                    .find(|(s, _)| s == status)
+                    .map_or(0, |(_, n)| *n);
+                metrics::gauge!("herald_jobs", "status" => status).set(n as f64);
+            }
+            let depth = counts
+                .iter()
+                .filter(|(s, _)| s == "pending")
+                .map(|(_, n)| *n)
+                .sum::<i64>();
+            metrics::gauge!("herald_queue_depth").set(depth as f64);
+        }
+        if let Ok(n) = store.pending_deliveries().await {
+            metrics::gauge!("herald_deliveries_pending").set(n as f64);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}

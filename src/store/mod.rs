@@ -218,6 +218,9 @@ pub trait Store: outbox::Outbox + Send + Sync + 'static {
     /// Return jobs whose lease ran out to the queue (or fail them when out of attempts).
     async fn expire_leases(&self) -> Result<u64, StoreError>;
 
+    /// Jobs per status (for the `herald_jobs` gauge).
+    async fn job_counts(&self) -> Result<Vec<(String, i64)>, StoreError>;
+
     /// This user's updates after `after`, ascending.
     async fn list_updates(
         &self,

@@ -533,6 +533,12 @@ macro_rules! impl_store {
                 Ok(requeued + failed.len() as u64)
             }
 
+            async fn job_counts(&self) -> Result<Vec<(String, i64)>, super::StoreError> {
+                Ok(sqlx::query_as("SELECT status, count(*) FROM jobs GROUP BY status")
+                    .fetch_all(self.reader())
+                    .await?)
+            }
+
             async fn list_updates(
                 &self,
                 user_id: &str,
