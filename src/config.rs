@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
@@ -15,7 +16,15 @@ use crate::providers::AppConfig;
 pub const DEFAULT_TOML: &str = include_str!("default.toml");
 
 /// Sections whose keys may be set as `HERALD_<SECTION>_<KEY>`.
-const ENV_SECTIONS: &[&str] = &["database", "http", "auth", "webhooks", "queue", "dispatch"];
+const ENV_SECTIONS: &[&str] = &[
+    "database", "http", "auth", "webhooks", "queue", "dispatch", "updates",
+];
+
+/// Longest update retention (100 years: "keep forever" for any practical purpose).
+const MAX_RETENTION_DAYS: u64 = 36_500;
+
+/// Longest time between purges (a year), so timer arithmetic cannot overflow.
+const MAX_PURGE_INTERVAL_SECS: u64 = 365 * 86_400;
 
 /// Top-level keys settable as `HERALD_<KEY>`.
 const TOP_LEVEL_KEYS: &[&str] = &["listen", "log", "log_format"];
@@ -81,6 +90,8 @@ pub struct Config {
     pub webhooks: WebhooksConfig,
     /// The durable queue and its in-process workers.
     pub queue: QueueConfig,
+    /// The per-user update log's retention.
+    pub updates: UpdatesConfig,
     /// Job kinds by name.
     pub kinds: BTreeMap<String, KindConfig>,
     /// Turning updates into pushes.
@@ -130,6 +141,28 @@ pub struct DispatchConfig {
     pub lease_secs: u64,
     /// Fallback poll interval, milliseconds.
     pub poll_interval_ms: u64,
+}
+
+/// `[updates]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdatesConfig {
+    /// Days an update is kept before it is purged.
+    pub retention_days: u64,
+    /// Seconds between purges.
+    pub purge_interval_secs: u64,
+}
+
+impl UpdatesConfig {
+    /// How long updates are kept.
+    pub fn retention(&self) -> Duration {
+        Duration::from_secs(self.retention_days.saturating_mul(86_400))
+    }
+
+    /// How often the purge runs.
+    pub fn purge_interval(&self) -> Duration {
+        Duration::from_secs(self.purge_interval_secs)
+    }
 }
 
 /// `[kinds."name"]`
@@ -302,6 +335,17 @@ impl Config {
         if self.queue.lease_secs < 3 {
             return Err(ConfigError("queue.lease_secs: must be at least 3".into()));
         }
+        // The upper bound keeps `now - retention` far from the calendar's limits.
+        if !(1..=MAX_RETENTION_DAYS).contains(&self.updates.retention_days) {
+            return Err(ConfigError(format!(
+                "updates.retention_days: must be 1 to {MAX_RETENTION_DAYS}"
+            )));
+        }
+        if !(1..=MAX_PURGE_INTERVAL_SECS).contains(&self.updates.purge_interval_secs) {
+            return Err(ConfigError(format!(
+                "updates.purge_interval_secs: must be 1 to {MAX_PURGE_INTERVAL_SECS}"
+            )));
+        }
         for (name, kind) in &self.kinds {
             if name.is_empty() || name.len() > 100 {
                 return Err(ConfigError(format!(
@@ -431,6 +475,35 @@ mod tests {
             assert!(err.contains("database.url"), "{err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn updates_retention_is_configurable_and_checked() {
+        let config = Config::defaults().unwrap();
+        assert_eq!(config.updates.retention_days, 30);
+        assert_eq!(config.updates.retention(), Duration::from_secs(30 * 86_400));
+        assert_eq!(config.updates.purge_interval(), Duration::from_secs(3600));
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("HERALD_UPDATES_RETENTION_DAYS", "7");
+            jail.set_env("HERALD_UPDATES_PURGE_INTERVAL_SECS", "60");
+            let config = Config::load(None).unwrap();
+            assert_eq!(config.updates.retention_days, 7);
+            assert_eq!(config.updates.purge_interval_secs, 60);
+            Ok(())
+        });
+        for (key, value) in [
+            ("HERALD_UPDATES_RETENTION_DAYS", "0"),
+            ("HERALD_UPDATES_RETENTION_DAYS", "36501"),
+            ("HERALD_UPDATES_PURGE_INTERVAL_SECS", "0"),
+            ("HERALD_UPDATES_PURGE_INTERVAL_SECS", "99999999999"),
+        ] {
+            figment::Jail::expect_with(|jail| {
+                jail.set_env(key, value);
+                let err = Config::load(None).unwrap_err().to_string();
+                assert!(err.contains("updates."), "{err}");
+                Ok(())
+            });
+        }
     }
 
     #[test]

@@ -130,6 +130,9 @@ pub struct Device {
     pub last_seen_at: DateTime<Utc>,
     /// Last successful push.
     pub last_push_at: Option<DateTime<Utc>>,
+    /// Updates in the user's log after this device's last ack (`GET /v1/devices` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unseen: Option<i64>,
     /// When the app last (re)registered this token (not part of the API).
     #[serde(skip)]
     pub registered_at: DateTime<Utc>,

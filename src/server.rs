@@ -18,6 +18,7 @@ use crate::queue::wakeup::listen_postgres;
 use crate::queue::{Backoff, Intake, Wakeup, Workers};
 use crate::store::postgres::{JOBS_CHANNEL, UPDATES_CHANNEL};
 use crate::store::{self, Engine, Store};
+use crate::updates::run_retention;
 
 /// Why a node could not start; each message is one line an operator can act on.
 #[derive(Debug, thiserror::Error)]
@@ -188,6 +189,8 @@ pub async fn start(
     let owner = format!("node:{}", uuid::Uuid::now_v7());
     let workers = Workers::new(store.clone(), registry, config.queue.clone(), wakeup, owner);
     tasks.spawn(workers.run(shutdown.clone()));
+    let (keep, every) = (config.updates.retention(), config.updates.purge_interval());
+    tasks.spawn(run_retention(store.clone(), keep, every, shutdown.clone()));
     let app = api::router(
         state,
         config.http.body_limit,

@@ -1,11 +1,17 @@
-//! The per-user update log: every change a user should learn about, in `seq` order.
+//! The per-user update log: every change a user should learn about, in `seq` order, and
+//! the retention task that purges it.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::jobs::Notification;
+use crate::store::Store;
 
 /// One entry of a user's log, as the API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
@@ -43,4 +49,97 @@ pub struct NewUpdate {
     pub data: Option<Value>,
     /// Alert text.
     pub notification: Option<Notification>,
+}
+
+/// The first purge waits this long (or one interval, if shorter) so start-up is not slowed.
+const FIRST_PURGE_DELAY: Duration = Duration::from_secs(5);
+
+/// Longest period between purges the loop accepts (a year).
+const MAX_PERIOD: Duration = Duration::from_secs(365 * 86_400);
+
+/// Purge updates older than `retention` every `every` until `shutdown`; failures are logged
+/// and retried at the next interval.
+pub async fn run_retention(
+    store: Arc<dyn Store>,
+    retention: Duration,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    // A zero period would make `interval_at` panic and a huge one overflow its arithmetic;
+    // configuration forbids both, this keeps the function safe on its own.
+    let every = every.clamp(Duration::from_millis(1), MAX_PERIOD);
+    let first = tokio::time::Instant::now() + FIRST_PURGE_DELAY.min(every);
+    let mut ticks = tokio::time::interval_at(first, every);
+    // After a slow purge the next one waits a full interval rather than running back to back.
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = ticks.tick() => {}
+        }
+        let Some(before) = chrono::TimeDelta::from_std(retention)
+            .ok()
+            .and_then(|keep| Utc::now().checked_sub_signed(keep))
+        else {
+            // A retention reaching past the calendar's start: nothing can be old enough.
+            continue;
+        };
+        // A purge in progress is not interrupted by shutdown: it is one short transaction.
+        match store.purge(before).await {
+            Ok(0) => tracing::debug!(%before, "retention: nothing to purge"),
+            Ok(purged) => {
+                metrics::counter!("herald_purged_total").increment(purged);
+                tracing::info!(purged, %before, "retention: purged old updates and deliveries");
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "retention: purge failed; retrying next interval")
+            }
+        }
+    }
+    tracing::debug!("retention task stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SqliteStore;
+
+    #[tokio::test]
+    async fn retention_purges_and_stops_on_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("herald.db").display());
+        let store: Arc<dyn Store> = Arc::new(
+            SqliteStore::connect(&url, 2, Duration::from_secs(5))
+                .await
+                .unwrap(),
+        );
+        store.migrate().await.unwrap();
+        let event = NewUpdate {
+            kind: "order.shipped".into(),
+            tracking_id: None,
+            status: None,
+            data: None,
+            notification: None,
+        };
+        store.publish_event("alice", &event).await.unwrap();
+        let shutdown = CancellationToken::new();
+        // Zero retention: everything already written is old enough.
+        let task = tokio::spawn(run_retention(
+            store.clone(),
+            Duration::ZERO,
+            Duration::from_millis(20),
+            shutdown.clone(),
+        ));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !store.list_updates("alice", 0, 10).await.unwrap().is_empty() {
+            assert!(std::time::Instant::now() < deadline, "never purged");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .expect("stops promptly on shutdown")
+            .unwrap();
+        store.close().await;
+    }
 }

@@ -99,6 +99,9 @@ async fn openapi_describes_the_routes(engine: Engine) {
         "/healthz",
         "/readyz",
         "/metrics",
+        "/v1/updates",
+        "/v1/updates/ack",
+        "/v1/events",
     ] {
         assert!(doc["paths"][path].is_object(), "missing {path}");
     }

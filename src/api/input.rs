@@ -116,6 +116,15 @@ impl<'a> Fields<'a> {
         Some(value)
     }
 
+    /// A required string of 1 to `max` characters.
+    pub fn req_text(&mut self, key: &str, max: usize) -> Option<&'a str> {
+        if self.raw(key).is_none() {
+            self.error(key, "is required");
+            return None;
+        }
+        self.opt_text(key, max)
+    }
+
     /// An optional integer within `range`.
     pub fn opt_int(&mut self, key: &str, range: std::ops::RangeInclusive<i64>) -> Option<i64> {
         match self.raw(key) {

@@ -28,9 +28,11 @@ use crate::queue::{Backoff, Intake, Wakeup};
 use crate::store::Store;
 
 mod devices;
+mod events;
 pub mod input;
 pub mod jobs;
 mod ops;
+mod updates;
 mod worker;
 
 /// Everything a handler may need; cheap to clone.
@@ -66,7 +68,7 @@ impl FromRef<AppState> for Authenticator {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Herald", description = "Self-hosted mobile push backend: devices, jobs, updates.", version = "1"),
+    info(title = "Herald", description = "Self-hosted mobile push backend: devices, jobs, updates, events.", version = "1"),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -95,6 +97,8 @@ fn routes() -> OpenApiRouter<AppState> {
         .merge(devices::router())
         .merge(jobs::router())
         .merge(worker::router())
+        .merge(updates::router())
+        .merge(events::router())
 }
 
 /// The OpenAPI 3.1 document for the routes, as JSON.

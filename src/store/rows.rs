@@ -92,6 +92,7 @@ impl TryFrom<DeviceRow> for Device {
             created_at: row.created_at,
             last_seen_at: row.last_seen_at,
             last_push_at: row.last_push_at,
+            unseen: None,
             registered_at: row.registered_at,
         })
     }

@@ -307,6 +307,9 @@ impl TestApp {
             "SELECT user_id || '|' || kind || '|' || status || '|' || attempts || '|' || updated_at \
              || '|' || COALESCE(idempotency_key, '') FROM jobs ORDER BY 1",
             "SELECT user_id || '|' || seq || '|' || type FROM updates ORDER BY 1",
+            // Through the token: the id column is a blob on SQLite and a uuid on PostgreSQL.
+            "SELECT v.token || '|' || c.seq FROM device_cursors c JOIN devices v ON v.id = c.device_id \
+             ORDER BY 1",
         ];
         let mut out = Vec::new();
         for sql in queries {
@@ -377,7 +380,34 @@ impl TestApp {
         .await
     }
 
-    /// The user's update log (directly from the store: the sync endpoint is a later issue).
+    /// One `GET /v1/updates?<query>` page as `user`, which must answer 200.
+    pub async fn sync_page(&self, user: &str, query: &str) -> Value {
+        let response = self.get(&format!("/v1/updates?{query}"), user).await;
+        assert_eq!(response.status(), 200, "sync {query}");
+        response.json().await.expect("json")
+    }
+
+    /// Sync like an app: page through `GET /v1/updates` from `after` until `hasMore` is false;
+    /// returns every update received and the final cursor.
+    pub async fn sync_after(&self, user: &str, after: i64, limit: i64) -> (Vec<Value>, i64) {
+        let mut cursor = after;
+        let mut received = Vec::new();
+        for _ in 0..1000 {
+            let page = self
+                .sync_page(user, &format!("after={cursor}&limit={limit}"))
+                .await;
+            let updates = page["updates"].as_array().cloned().unwrap_or_default();
+            assert!(updates.len() as i64 <= limit, "page over limit");
+            received.extend(updates);
+            cursor = page["lastSeq"].as_i64().expect("lastSeq");
+            if page["hasMore"] == false {
+                return (received, cursor);
+            }
+        }
+        panic!("sync never finished");
+    }
+
+    /// The user's update log, directly from the store (the source of truth sync is checked against).
     pub async fn updates(&self, user: &str) -> Vec<herald::updates::Update> {
         self.store
             .list_updates(user, 0, 10_000)
