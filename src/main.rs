@@ -23,6 +23,9 @@ struct Cli {
 enum Command {
     /// Run the API, workers and dispatcher.
     Serve,
+    /// Everything embedded (SQLite, fake APNs and FCM, a scripted app): the whole pattern in
+    /// one command, on loopback only.
+    Demo,
     /// Apply database migrations and exit.
     Migrate,
     /// Mint a development token signed with the configured HS256 secret.
@@ -108,6 +111,7 @@ async fn run(command: Command, mut config: Config) -> Result<(), String> {
                 .await
                 .map_err(|e| format!("fake-fcm: {e}"))
         }
+        Command::Demo => herald::demo::run().await,
         Command::DefaultConfig => {
             print!("{}", herald::config::DEFAULT_TOML);
             Ok(())

@@ -99,3 +99,27 @@ fn migrate_then_token_then_serve_and_sigterm() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn demo_runs_the_whole_pattern_end_to_end() {
+    let out = Command::new(BIN)
+        .env("HERALD_LOG", "error")
+        .arg("demo")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("POST /v1/jobs → 202"), "{stdout}");
+    assert!(stdout.contains("fake APNs got alert"), "{stdout}");
+    assert!(stdout.contains("\"job.completed\""), "{stdout}");
+    assert!(
+        stdout
+            .trim_end()
+            .ends_with("Run `herald serve` for the real thing."),
+        "{stdout}"
+    );
+}
