@@ -196,6 +196,94 @@ async fn group_commit_keeps_order_and_idempotency(engine: Engine) {
     );
 }
 
+/// Outcomes recorded in one batch are each fenced by the attempt that was claimed: a late
+/// answer from an attempt whose lease expired (and was claimed again) changes nothing.
+async fn recorded_outcomes_are_fenced_by_attempt(engine: Engine) {
+    use herald::store::{DeliveryOutcome, DeliveryResult};
+    let (_db, store) = open(engine).await;
+    let mut devices = Vec::new();
+    for n in 0..3 {
+        devices.push(
+            store
+                .upsert_device("alice", &apns(20 + n))
+                .await
+                .unwrap()
+                .device
+                .id,
+        );
+    }
+    let update = herald::updates::NewUpdate {
+        kind: "order.shipped".into(),
+        tracking_id: None,
+        status: None,
+        data: None,
+        notification: None,
+    };
+    store.publish_event("alice", &update).await.unwrap();
+    // Attempt 1 with a lease that is already over, then attempt 2 for the same deliveries.
+    let first = store.claim_deliveries(10, Duration::ZERO).await.unwrap();
+    assert_eq!(first.len(), 3);
+    assert_eq!(store.expire_delivery_leases().await.unwrap(), 3);
+    let second = store
+        .claim_deliveries(10, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(second.iter().all(|d| d.attempt == 2));
+    let result = |device: uuid::Uuid, attempt: i32, outcome: DeliveryOutcome| DeliveryResult {
+        update_id: second[0].update.id,
+        device_id: device,
+        attempt,
+        outcome,
+    };
+    let sent = || DeliveryOutcome::Sent {
+        provider_id: Some("p".into()),
+    };
+    let failed = || DeliveryOutcome::Failed {
+        reason: "late".into(),
+    };
+    store
+        .record_deliveries(&[
+            result(devices[0], 1, sent()),
+            result(devices[1], 2, sent()),
+            result(devices[1], 1, failed()),
+            result(devices[2], 1, sent()),
+            result(devices[2], 2, failed()),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.pending_deliveries().await.unwrap(),
+        1,
+        "device 0 still sending"
+    );
+    let pushed = |list: &[herald::devices::Device], id: uuid::Uuid| {
+        list.iter()
+            .find(|d| d.id == id)
+            .unwrap()
+            .last_push_at
+            .is_some()
+    };
+    let list = store.list_devices("alice").await.unwrap();
+    assert!(!pushed(&list, devices[0]), "a stale Sent does not count");
+    assert!(pushed(&list, devices[1]));
+    assert!(!pushed(&list, devices[2]), "failed under attempt 2");
+    store
+        .record_deliveries(&[result(devices[0], 2, sent())])
+        .await
+        .unwrap();
+    assert_eq!(store.pending_deliveries().await.unwrap(), 0);
+    let list = store.list_devices("alice").await.unwrap();
+    assert!(pushed(&list, devices[0]));
+    // Nothing is claimable again: sent and failed are final.
+    assert!(
+        store
+            .claim_deliveries(10, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
 both_engines!(
     group_commit_keeps_order_and_idempotency,
     migrations_are_idempotent_and_ping_works,
@@ -205,4 +293,5 @@ both_engines!(
     invalidation_and_reactivation,
     delete_only_own_devices,
     concurrent_registrations_of_one_token_make_one_device,
+    recorded_outcomes_are_fenced_by_attempt,
 );

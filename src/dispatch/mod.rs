@@ -21,6 +21,15 @@ pub mod payload;
 /// How often deliveries whose sender vanished are made due again.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
+/// Shortest time between two claims while appends keep coming (each wakes the dispatcher).
+const CLAIM_GAP: Duration = Duration::from_millis(5);
+
+/// Most outcomes recorded in one transaction.
+const RECORD_MAX: usize = 512;
+
+/// How long a small batch of outcomes waits for more before it is recorded.
+const RECORD_LINGER: Duration = Duration::from_millis(10);
+
 /// Shared by every send task.
 struct Context {
     providers: Providers,
@@ -81,6 +90,9 @@ impl Dispatcher {
     pub async fn run(self, shutdown: CancellationToken) {
         let config = &self.context.config;
         let inflight = Arc::new(Semaphore::new(config.batch_size));
+        // Claims wait until at least half the slots are free (see below).
+        let low_water = config.batch_size.div_ceil(2).max(1);
+        let low_water_permits = u32::try_from(low_water).unwrap_or(u32::MAX);
         let (results, results_rx) = mpsc::channel(config.batch_size * 2);
         let recorder = tokio::spawn(record_loop(self.store.clone(), results_rx));
         let appended = self.store.appended();
@@ -100,16 +112,19 @@ impl Dispatcher {
                 }
             }
             let free = inflight.available_permits();
-            if free == 0 {
-                // Every slot is busy: wait for one to free up.
+            if free < low_water {
+                // More than half the slots are busy, enough to keep the providers busy: claim
+                // again when half are free, so claims stay large instead of one transaction per
+                // finished push.
                 tokio::select! {
-                    permit = inflight.acquire() => drop(permit),
+                    permit = inflight.acquire_many(low_water_permits) => drop(permit),
                     _ = shutdown.cancelled() => break,
                 }
                 continue;
             }
             // Register for the wake-up before looking, so an append in between is not missed.
             let notified = appended.notified();
+            let claimed_at = tokio::time::Instant::now();
             let claimed = match self.store.claim_deliveries(free as i64, lease).await {
                 Ok(claimed) => {
                     db_backoff = Duration::from_millis(100);
@@ -125,14 +140,8 @@ impl Dispatcher {
                     continue;
                 }
             };
-            if claimed.is_empty() {
-                tokio::select! {
-                    _ = notified => {}
-                    _ = tokio::time::sleep(poll) => {}
-                    _ = shutdown.cancelled() => break,
-                }
-                continue;
-            }
+            // Fewer than asked for: nothing else was due when we looked.
+            let caught_up = claimed.len() < free;
             for delivery in claimed {
                 let Ok(permit) = inflight.clone().acquire_owned().await else {
                     break;
@@ -155,6 +164,22 @@ impl Dispatcher {
                     .instrument(span),
                 );
             }
+            if caught_up {
+                // Wait for the next append (registered before looking, so none is missed)
+                // rather than running another claim that would find little or nothing.
+                tokio::select! {
+                    _ = notified => {}
+                    _ = tokio::time::sleep(poll) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+                // Under a stream of appends, at most one claim per CLAIM_GAP: the updates of
+                // that moment are claimed together instead of one transaction each. After a
+                // quiet spell the claim runs at once.
+                tokio::select! {
+                    _ = tokio::time::sleep_until(claimed_at + CLAIM_GAP) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+            }
         }
         // Let in-flight sends finish (provider requests time out on their own), then record.
         let all = u32::try_from(config.batch_size).unwrap_or(u32::MAX);
@@ -165,10 +190,22 @@ impl Dispatcher {
     }
 }
 
-/// Persist outcomes in batches: whatever arrived while the previous batch was written.
+/// Persist outcomes in batches: whatever arrived while the previous batch was written, topped
+/// up for a moment when that is little.
 async fn record_loop(store: Arc<dyn Store>, mut rx: mpsc::Receiver<DeliveryResult>) {
-    let mut batch = Vec::with_capacity(512);
-    while rx.recv_many(&mut batch, 512).await > 0 {
+    let mut batch = Vec::with_capacity(RECORD_MAX);
+    while rx.recv_many(&mut batch, RECORD_MAX).await > 0 {
+        // A small batch waits a moment for more: fewer, larger transactions (on SQLite each one
+        // takes the single writer and an fsync away from appends). The pushes are already out;
+        // only the bookkeeping waits.
+        let linger = tokio::time::Instant::now() + RECORD_LINGER;
+        while batch.len() < RECORD_MAX / 2 {
+            let room = RECORD_MAX - batch.len();
+            match tokio::time::timeout_at(linger, rx.recv_many(&mut batch, room)).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
         let mut delay = Duration::from_millis(50);
         for attempt in 0..6 {
             match store.record_deliveries(&batch).await {

@@ -172,6 +172,17 @@ impl TryFrom<DueRow> for DueDelivery {
     }
 }
 
+/// Rows per statement when recording a batch: the largest power of two up to `left` (at most
+/// 256), so a handful of statement shapes cover every batch and stay prepared.
+pub(super) fn chunk_len(left: usize) -> usize {
+    const MAX_CHUNK: usize = 256;
+    if left >= MAX_CHUNK {
+        MAX_CHUNK
+    } else {
+        1 << left.max(1).ilog2()
+    }
+}
+
 /// Implement [`Outbox`] for `$ty` on `$db`; `$skip_locked` follows the claim's inner select,
 /// `$greatest` is the two-argument maximum function of the dialect.
 macro_rules! impl_outbox {
@@ -225,19 +236,65 @@ macro_rules! impl_outbox {
                 }
                 let now = chrono::Utc::now();
                 let mut tx = self.writer().begin().await?;
-                // Each statement is fenced: only the attempt that was claimed may write its outcome.
+                // Sent, nearly every outcome, is written a chunk of rows per statement; each row
+                // is still fenced: only the attempt that was claimed may write its outcome.
+                let sent: Vec<_> = results
+                    .iter()
+                    .filter_map(|r| match &r.outcome {
+                        DeliveryOutcome::Sent { provider_id } => {
+                            Some((r.update_id, r.device_id, r.attempt, provider_id.as_deref()))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                let mut rest = &sent[..];
+                while !rest.is_empty() {
+                    let (chunk, tail) = rest.split_at(super::outbox::chunk_len(rest.len()));
+                    rest = tail;
+                    let mut update = sqlx::QueryBuilder::<$db>::new(
+                        "WITH sent_batch (b_update, b_device, b_attempt, b_provider) AS (",
+                    );
+                    update.push_values(chunk, |mut row, (update_id, device_id, attempt, provider_id)| {
+                        row.push_bind(*update_id)
+                            .push_bind(*device_id)
+                            .push_bind(*attempt)
+                            .push_bind(*provider_id);
+                    });
+                    update.push(
+                        ") UPDATE deliveries SET status = 'sent', provider_id = b_provider, updated_at = ",
+                    );
+                    update.push_bind(now);
+                    update.push(
+                        ", lease_owner = NULL, lease_expires_at = NULL FROM sent_batch \
+                         WHERE update_id = b_update AND device_id = b_device AND status = 'sending' \
+                         AND attempts = b_attempt RETURNING device_id",
+                    );
+                    let mut devices: Vec<uuid::Uuid> =
+                        update.build_query_scalar().fetch_all(&mut *tx).await?;
+                    if devices.is_empty() {
+                        continue;
+                    }
+                    devices.sort_unstable();
+                    devices.dedup();
+                    // Padded to the chunk's length with a repeated id (harmless in IN): as few
+                    // distinct statements as chunk lengths, so prepared statements are reused.
+                    let last = devices[devices.len() - 1];
+                    devices.resize(chunk.len(), last);
+                    let mut touch = sqlx::QueryBuilder::<$db>::new("UPDATE devices SET last_push_at = ");
+                    touch.push_bind(now);
+                    touch.push(" WHERE id IN (");
+                    let mut ids = touch.separated(", ");
+                    for id in &devices {
+                        ids.push_bind(*id);
+                    }
+                    touch.push(")");
+                    touch.build().execute(&mut *tx).await?;
+                }
+                // The other outcomes are rare (errors): one fenced statement each.
                 for r in results {
                     let (sql, extra_a, extra_b): (&'static str, Option<String>, Option<chrono::DateTime<chrono::Utc>>) =
                         match &r.outcome {
-                            DeliveryOutcome::Sent { provider_id } => (
-                                concat!(
-                                    "UPDATE deliveries SET status = 'sent', provider_id = $4, updated_at = $5, \
-                                     lease_owner = NULL, lease_expires_at = NULL",
-                                    " WHERE update_id = $1 AND device_id = $2 AND status = 'sending' AND attempts = $3"
-                                ),
-                                provider_id.clone(),
-                                None,
-                            ),
+                            DeliveryOutcome::Sent { .. } => continue,
                             DeliveryOutcome::Retry { at, reason } => (
                                 concat!(
                                     "UPDATE deliveries SET status = 'pending', last_error = $4, updated_at = $5, \
@@ -280,13 +337,6 @@ macro_rules! impl_outbox {
                         continue;
                     }
                     match &r.outcome {
-                        DeliveryOutcome::Sent { .. } => {
-                            sqlx::query("UPDATE devices SET last_push_at = $2 WHERE id = $1")
-                                .bind(r.device_id)
-                                .bind(now)
-                                .execute(&mut *tx)
-                                .await?;
-                        }
                         DeliveryOutcome::InvalidToken { reason, since } => {
                             let invalidated = sqlx::query(rows::INVALIDATE_DEVICE)
                                 .bind(r.device_id)
@@ -393,9 +443,13 @@ macro_rules! impl_outbox {
             }
 
             async fn pending_deliveries(&self) -> Result<i64, super::StoreError> {
-                Ok(sqlx::query_scalar("SELECT count(*) FROM deliveries WHERE status IN ('pending', 'sending')")
-                    .fetch_one(self.reader())
-                    .await?)
+                // Two counts, each over its partial index, instead of a scan of every delivery.
+                Ok(sqlx::query_scalar(
+                    "SELECT (SELECT count(*) FROM deliveries WHERE status = 'pending') \
+                     + (SELECT count(*) FROM deliveries WHERE status = 'sending')",
+                )
+                .fetch_one(self.reader())
+                .await?)
             }
         }
     };

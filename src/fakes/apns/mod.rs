@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::HeaderMap;
@@ -168,6 +168,8 @@ pub struct RecordedRequest {
     pub reason: Option<String>,
     /// `apns-id` answered (the client's or a generated one).
     pub apns_id: String,
+    /// When the fake took the request up (before reading its body).
+    pub received_at: Instant,
 }
 
 impl RecordedRequest {

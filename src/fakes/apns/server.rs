@@ -159,6 +159,7 @@ impl Stream {
         mut respond: SendResponse<Bytes>,
         behaviour: Behaviour,
     ) {
+        let received_at = std::time::Instant::now();
         let shared = &self.shared;
         let (parts, body) = req.into_parts();
         let body = read_body(body).await;
@@ -213,6 +214,7 @@ impl Stream {
             status,
             reason,
             apns_id: apns_id.clone(),
+            received_at,
         });
         let mut builder = Response::builder()
             .status(status)

@@ -132,6 +132,8 @@ pub struct FakeFcmRequest {
     pub body: serde_json::Value,
     /// The status the fake answered.
     pub status: u16,
+    /// When the fake recorded it (on arrival, before any scripted delay).
+    pub received_at: Instant,
 }
 
 /// Why the fake could not start.

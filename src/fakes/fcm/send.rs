@@ -113,6 +113,7 @@ pub(super) fn record(
         validate_only: body["validate_only"].as_bool().unwrap_or(false),
         body,
         status: status.as_u16(),
+        received_at: Instant::now(),
     };
     shared.lock().requests.push(entry);
 }

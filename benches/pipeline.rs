@@ -1,0 +1,819 @@
+//! The whole dispatch pipeline in pushes per second, on SQLite and PostgreSQL: updates appended
+//! (`publish_event`, one delivery per device in the same transaction) → deliveries claimed →
+//! sent to the fake APNs (TLS) and fake FCM (h2c) → outcomes recorded. Next to it, in the same
+//! run and against the same fakes, a minimal hyper HTTP/2 client sends equivalent requests at the
+//! same concurrency (the dispatcher's per-provider limit); the ratio is Herald / raw.
+//!
+//! Latency is from "update committed" (the instant `publish_event` returned) to "push received
+//! by the fake" (`received_at` of the fakes' records), matched through a marker in the update's
+//! data. It is reported at full load (appends as fast as they go: mostly queueing) and in a
+//! second run paced at half the throughput just measured.
+//!
+//! Run: `cargo bench --bench pipeline` (needs the test PostgreSQL). Environment:
+//! PIPELINE_PUSHES (pushes per run, default 20000; two per update), PIPELINE_PACED_RATE (pushes/s
+//! of the paced run instead of half the measured rate, to compare changes), PIPELINE_USERS (default
+//! 1000, each with an iPhone and an Android phone), PIPELINE_APPENDERS (concurrent appenders,
+//! default 8), PIPELINE_ENGINES (`sqlite,postgres`), PIPELINE_ONLY=apart (only the append and
+//! dispatch stages measured apart, for profiling), HERALD_TEST_DATABASE_URL (default
+//! postgres://postgres@127.0.0.1:5432/postgres).
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use herald::config::{Config, KindConfig, Secret};
+use herald::devices::{ApnsEnvironment, NewDevice, Platform};
+use herald::dispatch::payload;
+use herald::fakes::apns::{FakeApns, FakeApnsHandle, FakeApnsOptions, TEST_KEY_ID, TEST_KEY_P8};
+use herald::fakes::apns::{RecordedRequest, TEST_TEAM_ID};
+use herald::fakes::fcm::{FakeFcm, FakeFcmHandle, FakeFcmOptions, FakeFcmRequest};
+use herald::jobs::Notification;
+use herald::providers::apns::{Clock, Environment, TokenCache};
+use herald::providers::fcm::{FCM_SCOPE, JWT_BEARER_GRANT, message};
+use herald::providers::tls::{TEST_CA_PEM, client_config};
+use herald::providers::{ApnsAppConfig, AppConfig, FcmAppConfig};
+use herald::store::Store;
+use herald::updates::{NewUpdate, Update};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+const APP: &str = "com.example.herald";
+const SECRET: &str = "bench-secret-0123456789abcdef01234567";
+
+fn env_usize(key: &str, default: usize) -> usize {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+fn apns_token(user: usize) -> String {
+    format!("{user:064x}")
+}
+
+fn fcm_token(user: usize) -> String {
+    format!("bench-android-{user:06}:APA91bFakeRegistrationToken")
+}
+
+fn user_id(user: usize) -> String {
+    format!("user-{user:06}")
+}
+
+/// CPU time (user + system) used so far by this process: node, fakes and clients alike,
+/// threads that ended included (SQLite's connection threads end when a store closes). From
+/// /proc/self/stat in clock ticks (10 ms); zero where that is unavailable.
+fn cpu_time() -> Duration {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return Duration::ZERO;
+    };
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return Duration::ZERO;
+    };
+    let ticks: u64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|t| t.parse::<u64>().ok())
+        .sum();
+    Duration::from_millis(ticks * 10)
+}
+
+#[derive(Clone, Copy)]
+struct Params {
+    /// Pushes per run (two per update).
+    pushes: usize,
+    users: usize,
+    appenders: usize,
+    /// The dispatcher's per-(app, provider) concurrency; the raw client uses the same.
+    concurrency: usize,
+}
+
+impl Params {
+    fn updates(&self) -> usize {
+        self.pushes / 2
+    }
+}
+
+/// The update every run appends; `k` is the latency marker.
+fn new_update(k: usize) -> NewUpdate {
+    NewUpdate {
+        kind: "job.completed".into(),
+        tracking_id: Some(uuid::Uuid::now_v7()),
+        status: Some("completed".into()),
+        data: Some(json!({"k": k, "result": {"rows": 1250, "url": "https://example.com/r/abc"}})),
+        notification: Some(Notification {
+            title: Some("Export ready".into()),
+            body: Some("Your export finished; tap to open it".into()),
+        }),
+    }
+}
+
+struct Fakes {
+    apns: FakeApnsHandle,
+    fcm: FakeFcmHandle,
+}
+
+impl Fakes {
+    async fn start() -> Self {
+        let apns = FakeApns::start(FakeApnsOptions {
+            max_recorded: 1_000_000,
+            ..FakeApnsOptions::default()
+        })
+        .await
+        .expect("fake APNs");
+        let fcm = FakeFcm::start(FakeFcmOptions::default())
+            .await
+            .expect("fake FCM");
+        Self { apns, fcm }
+    }
+
+    fn app(&self) -> AppConfig {
+        AppConfig {
+            id: APP.into(),
+            apns: Some(ApnsAppConfig {
+                key_file: fixture("test-apns-AuthKey_TEST000001.p8"),
+                key_id: TEST_KEY_ID.into(),
+                team_id: TEST_TEAM_ID.into(),
+                topic: None,
+                production_url: self.apns.url(),
+                sandbox_url: self.apns.url(),
+                ca_file: Some(fixture("test-ca.pem")),
+            }),
+            fcm: Some(FcmAppConfig {
+                service_account_file: fixture("test-fcm-service-account.json"),
+                base_url: self.fcm.base_url(),
+                token_uri: Some(self.fcm.token_uri()),
+                ca_file: None,
+            }),
+        }
+    }
+}
+
+struct Running {
+    store: Arc<dyn Store>,
+    shutdown: CancellationToken,
+    node: herald::server::Node,
+}
+
+fn node_config(url: &str, fakes: &Fakes) -> Config {
+    let mut config = Config::defaults().expect("config");
+    config.database.url = Secret::new(url);
+    config.auth.hs256_secret = Secret::new(SECRET);
+    config.log = "error".into();
+    // No in-process job handlers: only the dispatcher works.
+    config.kinds.clear();
+    config.kinds.insert(
+        "bench".into(),
+        KindConfig {
+            handler: "external".into(),
+            max_attempts: 3,
+        },
+    );
+    config.apps.push(fakes.app());
+    config
+}
+
+async fn start_node(url: &str, fakes: &Fakes) -> Running {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let shutdown = CancellationToken::new();
+    let node = herald::server::start(node_config(url, fakes), listener, shutdown.clone())
+        .await
+        .expect("start");
+    Running {
+        store: node.store.clone(),
+        shutdown,
+        node,
+    }
+}
+
+async fn register(store: &Arc<dyn Store>, users: usize) {
+    futures::stream::iter(0..users)
+        .for_each_concurrent(16, |u| {
+            let store = store.clone();
+            async move {
+                let user = user_id(u);
+                for (platform, token, environment) in [
+                    (
+                        Platform::Apns,
+                        apns_token(u),
+                        Some(ApnsEnvironment::Production),
+                    ),
+                    (Platform::Fcm, fcm_token(u), None),
+                ] {
+                    let device = NewDevice {
+                        platform,
+                        token,
+                        environment,
+                        app_id: APP.into(),
+                        locale: None,
+                        app_version: None,
+                    };
+                    store.upsert_device(&user, &device).await.expect("device");
+                }
+            }
+        })
+        .await;
+}
+
+/// When each update of a run committed, by marker offset.
+struct Commits {
+    base: usize,
+    at: Vec<OnceLock<Instant>>,
+}
+
+impl Commits {
+    fn new(base: usize, n: usize) -> Arc<Self> {
+        Arc::new(Self {
+            base,
+            at: (0..n).map(|_| OnceLock::new()).collect(),
+        })
+    }
+}
+
+async fn publish(store: &Arc<dyn Store>, commits: &Commits, j: usize, users: usize) {
+    let k = commits.base + j;
+    store
+        .publish_event(&user_id(j % users), &new_update(k))
+        .await
+        .expect("publish");
+    let _ = commits.at[j].set(Instant::now());
+}
+
+/// Wait until every delivery has an outcome recorded.
+async fn drained(store: &Arc<dyn Store>) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        if store.pending_deliveries().await.expect("pending") == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "deliveries not drained");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+struct Run {
+    pushes_per_sec: f64,
+    /// Time until the last append returned.
+    appended: Duration,
+    elapsed: Duration,
+    cpu_per_push: Duration,
+    p50: Duration,
+    p99: Duration,
+    max: Duration,
+}
+
+/// Appends the run's updates as fast as `appenders` closed loops can.
+async fn flood(store: &Arc<dyn Store>, p: Params, commits: &Arc<Commits>) {
+    let n = commits.at.len();
+    let appenders: Vec<_> = (0..p.appenders)
+        .map(|a| {
+            let (store, commits) = (store.clone(), commits.clone());
+            tokio::spawn(async move {
+                // Appender a only writes users ≡ a (mod appenders): no row-lock contention on
+                // the users' sequence counters between appenders.
+                for j in (a..n).step_by(p.appenders) {
+                    publish(&store, &commits, j, p.users).await;
+                }
+            })
+        })
+        .collect();
+    for a in appenders {
+        a.await.expect("appender");
+    }
+}
+
+/// Appends as fast as it can while the node dispatches, then waits for every outcome.
+async fn full_load(store: &Arc<dyn Store>, fakes: &Fakes, p: Params, base: usize) -> Run {
+    let commits = Commits::new(base, p.updates());
+    let cpu = cpu_time();
+    let start = Instant::now();
+    flood(store, p, &commits).await;
+    let appended = start.elapsed();
+    drained(store).await;
+    let elapsed = start.elapsed();
+    let cpu = cpu_time().saturating_sub(cpu);
+    finish(fakes, &commits, elapsed, appended, cpu)
+}
+
+/// Appends at `updates_per_sec` from an open-loop pacer, then waits for every outcome.
+async fn paced_load(
+    store: &Arc<dyn Store>,
+    fakes: &Fakes,
+    p: Params,
+    base: usize,
+    updates_per_sec: f64,
+) -> Run {
+    let n = p.updates();
+    let commits = Commits::new(base, n);
+    let cpu = cpu_time();
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for j in 0..n {
+        let at = start + Duration::from_secs_f64(j as f64 / updates_per_sec);
+        tokio::time::sleep_until(at.into()).await;
+        let (store, commits) = (store.clone(), commits.clone());
+        tasks.push(tokio::spawn(async move {
+            publish(&store, &commits, j, p.users).await;
+        }));
+    }
+    for t in tasks {
+        t.await.expect("append");
+    }
+    let appended = start.elapsed();
+    drained(store).await;
+    let elapsed = start.elapsed();
+    let cpu = cpu_time().saturating_sub(cpu);
+    finish(fakes, &commits, elapsed, appended, cpu)
+}
+
+fn apns_marker(r: &RecordedRequest) -> Option<usize> {
+    let body: Value = serde_json::from_slice(&r.body).ok()?;
+    body["data"]["k"].as_u64().map(|k| k as usize)
+}
+
+fn fcm_marker(r: &FakeFcmRequest) -> Option<usize> {
+    let data = r.body["message"]["data"]["data"].as_str()?;
+    let data: Value = serde_json::from_str(data).ok()?;
+    data["k"].as_u64().map(|k| k as usize)
+}
+
+/// Check both fakes got every push of the run and compute the latencies.
+fn finish(
+    fakes: &Fakes,
+    commits: &Commits,
+    elapsed: Duration,
+    appended: Duration,
+    cpu: Duration,
+) -> Run {
+    let n = commits.at.len();
+    let range = commits.base..commits.base + n;
+    let mut seen = [vec![false; n], vec![false; n]];
+    let mut latencies = Vec::with_capacity(2 * n);
+    let mut note = |which: usize, k: Option<usize>, status: u16, received: Instant| {
+        let Some(k) = k.filter(|k| range.contains(k)) else {
+            return;
+        };
+        assert_eq!(status, 200, "the fakes accept every push");
+        let j = k - commits.base;
+        // At least once: a resend after a lost outcome would count once, at its first arrival.
+        if std::mem::replace(&mut seen[which][j], true) {
+            return;
+        }
+        let committed = *commits.at[j].get().expect("commit time");
+        latencies.push(received.saturating_duration_since(committed));
+    };
+    for r in fakes.apns.requests() {
+        note(0, apns_marker(&r), r.status, r.received_at);
+    }
+    fakes.apns.clear_requests();
+    for r in fakes.fcm.requests() {
+        note(1, fcm_marker(&r), r.status, r.received_at);
+    }
+    for (which, name) in [(0, "APNs"), (1, "FCM")] {
+        let missing = seen[which].iter().filter(|s| !**s).count();
+        assert_eq!(missing, 0, "{missing} pushes never reached the fake {name}");
+    }
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    let pushes = 2 * n;
+    Run {
+        pushes_per_sec: pushes as f64 / elapsed.as_secs_f64(),
+        appended,
+        elapsed,
+        cpu_per_push: cpu / pushes as u32,
+        p50: at(0.50),
+        p99: at(0.99),
+        max: latencies[latencies.len() - 1],
+    }
+}
+
+/// A minimal client: hyper HTTP/2 straight to the fakes, requests built ahead of time.
+struct Raw {
+    apns: SendRequest<Full<Bytes>>,
+    apns_url: String,
+    apns_payload: Bytes,
+    apns_jwt: Arc<str>,
+    expiration: String,
+    fcm: SendRequest<Full<Bytes>>,
+    fcm_url: String,
+    fcm_bearer: Arc<str>,
+    /// One `messages:send` body per user's Android phone.
+    fcm_bodies: Vec<Bytes>,
+}
+
+fn sample_update(k: usize) -> Update {
+    let new = new_update(k);
+    Update {
+        seq: 1,
+        id: uuid::Uuid::now_v7(),
+        kind: new.kind,
+        tracking_id: new.tracking_id,
+        status: new.status,
+        data: new.data,
+        notification: new.notification,
+        created_at: chrono::Utc::now(),
+    }
+}
+
+async fn fcm_access_token(fakes: &Fakes) -> String {
+    #[derive(serde::Serialize)]
+    struct Claims<'a> {
+        iss: &'a str,
+        scope: &'a str,
+        aud: &'a str,
+        iat: u64,
+        exp: u64,
+    }
+    let account: Value = serde_json::from_slice(
+        &std::fs::read(fixture("test-fcm-service-account.json")).expect("service account"),
+    )
+    .expect("service account json");
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(
+        account["private_key"].as_str().expect("key").as_bytes(),
+    )
+    .expect("rsa key");
+    let iat = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let token_uri = fakes.fcm.token_uri();
+    let claims = Claims {
+        iss: account["client_email"].as_str().expect("email"),
+        scope: FCM_SCOPE,
+        aud: &token_uri,
+        iat,
+        exp: iat + 3600,
+    };
+    let assertion = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+        &claims,
+        &key,
+    )
+    .expect("assertion");
+    let form = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("grant_type", JWT_BEARER_GRANT)
+        .append_pair("assertion", &assertion)
+        .finish();
+    let answer: Value = reqwest::Client::new()
+        .post(&token_uri)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form)
+        .send()
+        .await
+        .expect("token request")
+        .json()
+        .await
+        .expect("token answer");
+    answer["access_token"]
+        .as_str()
+        .expect("access_token")
+        .to_string()
+}
+
+async fn h2_apns(url: &str) -> SendRequest<Full<Bytes>> {
+    let addr = url.trim_start_matches("https://");
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(
+        client_config(Some(TEST_CA_PEM), &[b"h2"]).expect("tls config"),
+    ));
+    let name = ServerName::try_from("127.0.0.1").expect("name");
+    let tls = tls.connect(name, tcp).await.expect("tls");
+    let (tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+        .await
+        .expect("h2");
+    tokio::spawn(conn);
+    tx
+}
+
+async fn h2c(url: &str) -> SendRequest<Full<Bytes>> {
+    let addr = url.trim_start_matches("http://");
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    let (tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+        .await
+        .expect("h2c");
+    tokio::spawn(conn);
+    tx
+}
+
+impl Raw {
+    async fn connect(fakes: &Fakes, users: usize) -> Self {
+        let sample = sample_update(usize::MAX);
+        let expires = chrono::Utc::now() + chrono::Duration::days(1);
+        let apns_payload =
+            payload::apns_request(&sample, &apns_token(0), Environment::Production, expires)
+                .expect("apns payload")
+                .payload;
+        let fcm_bodies = (0..users)
+            .map(|u| {
+                let req = payload::fcm_request(&sample, &fcm_token(u), Duration::from_secs(86400));
+                let msg = message::build_message(&req, SystemTime::now()).expect("message");
+                Bytes::from(message::request_body(&msg, false).expect("body"))
+            })
+            .collect();
+        let apns_jwt = TokenCache::new(TEST_KEY_P8, TEST_KEY_ID, TEST_TEAM_ID, Clock::system())
+            .expect("key")
+            .current()
+            .expect("jwt");
+        Self {
+            apns: h2_apns(&fakes.apns.url()).await,
+            apns_url: fakes.apns.url(),
+            apns_payload,
+            apns_jwt,
+            expiration: expires.timestamp().to_string(),
+            fcm: h2c(&fakes.fcm.base_url()).await,
+            fcm_url: format!(
+                "{}/v1/projects/{}/messages:send",
+                fakes.fcm.base_url(),
+                fakes.fcm.project_id()
+            ),
+            fcm_bearer: format!("Bearer {}", fcm_access_token(fakes).await).into(),
+            fcm_bodies,
+        }
+    }
+
+    async fn send_apns(&self, user: usize) -> bool {
+        let req = http::Request::post(format!("{}/3/device/{}", self.apns_url, apns_token(user)))
+            .header("authorization", format!("bearer {}", self.apns_jwt))
+            .header("content-type", "application/json")
+            .header("apns-topic", APP)
+            .header("apns-push-type", "alert")
+            .header("apns-priority", "10")
+            .header("apns-expiration", self.expiration.as_str())
+            .header("apns-collapse-id", "0190f3e2-7c1a-7000-8000-000000000000")
+            .header("apns-id", uuid::Uuid::new_v4().to_string())
+            .body(Full::new(self.apns_payload.clone()))
+            .expect("request");
+        let Ok(resp) = self.apns.clone().send_request(req).await else {
+            return false;
+        };
+        let ok = resp.status() == 200;
+        let _ = resp.into_body().collect().await;
+        ok
+    }
+
+    async fn send_fcm(&self, user: usize) -> bool {
+        let req = http::Request::post(self.fcm_url.as_str())
+            .header("authorization", &*self.fcm_bearer)
+            .header("content-type", "application/json")
+            .body(Full::new(self.fcm_bodies[user].clone()))
+            .expect("request");
+        let Ok(resp) = self.fcm.clone().send_request(req).await else {
+            return false;
+        };
+        let ok = resp.status() == 200;
+        let _ = resp.into_body().collect().await;
+        ok
+    }
+
+    /// `pushes` sends, half to each fake, `concurrency` closed loops per fake; pushes/s and CPU
+    /// time per push.
+    async fn run(self: &Arc<Self>, p: Params) -> (f64, Duration) {
+        let per_fake = p.pushes / 2;
+        let cpu = cpu_time();
+        let start = Instant::now();
+        let mut workers = Vec::new();
+        for fcm in [false, true] {
+            for w in 0..p.concurrency {
+                let raw = self.clone();
+                workers.push(tokio::spawn(async move {
+                    for i in (w..per_fake).step_by(p.concurrency) {
+                        let user = i % p.users;
+                        let ok = if fcm {
+                            raw.send_fcm(user).await
+                        } else {
+                            raw.send_apns(user).await
+                        };
+                        assert!(ok, "raw push {i} failed");
+                    }
+                }));
+            }
+        }
+        for w in workers {
+            w.await.expect("raw worker");
+        }
+        let elapsed = start.elapsed();
+        let cpu = cpu_time().saturating_sub(cpu);
+        (
+            (2 * per_fake) as f64 / elapsed.as_secs_f64(),
+            cpu / (2 * per_fake) as u32,
+        )
+    }
+}
+
+async fn fresh_pg_url(base: &str) -> (String, String) {
+    let admin = sqlx::PgPool::connect(base)
+        .await
+        .expect("PostgreSQL (HERALD_TEST_DATABASE_URL)");
+    let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&admin)
+        .await
+        .expect("schema");
+    admin.close().await;
+    let sep = if base.contains('?') { '&' } else { '?' };
+    (
+        format!("{base}{sep}options=-c%20search_path%3D{schema}"),
+        schema,
+    )
+}
+
+async fn drop_schema(base: &str, schema: &str) {
+    if let Ok(admin) = sqlx::PgPool::connect(base).await {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS {schema} CASCADE"
+        )))
+        .execute(&admin)
+        .await;
+        admin.close().await;
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+async fn bench_engine(engine: &str, url: &str, p: Params) {
+    let fakes = Fakes::start().await;
+    let raw = Arc::new(Raw::connect(&fakes, p.users).await);
+
+    // The two halves apart. Appends alone: the store open without a node, so nothing dispatches.
+    let store = herald::server::open_store(&node_config(url, &fakes))
+        .await
+        .expect("store");
+    register(&store, p.users).await;
+    let backlog = Commits::new(0, p.updates());
+    let cpu = cpu_time();
+    let start = Instant::now();
+    flood(&store, p, &backlog).await;
+    let append_only = p.pushes as f64 / start.elapsed().as_secs_f64();
+    let append_cpu = cpu_time().saturating_sub(cpu) / p.pushes as u32;
+    store.close().await;
+    // Dispatch alone: a node started on that backlog drains it (start-up and connecting
+    // included).
+    if std::env::var("PIPELINE_ONLY").is_ok_and(|v| v == "apart") {
+        // A cue for attaching a profiler to the dispatch stage alone.
+        eprintln!("dispatch stage starts");
+    }
+    let cpu = cpu_time();
+    let start = Instant::now();
+    let running = start_node(url, &fakes).await;
+    let store = running.store.clone();
+    drained(&store).await;
+    let elapsed = start.elapsed();
+    let dispatch_only = finish(
+        &fakes,
+        &backlog,
+        elapsed,
+        elapsed,
+        cpu_time().saturating_sub(cpu),
+    );
+    if std::env::var("PIPELINE_ONLY").is_ok_and(|v| v == "apart") {
+        println!(
+            "  {engine}: appends alone {append_only:.0} pushes/s, {:.0} us CPU/push; dispatch \
+             alone {:.0} pushes/s, {:.0} us CPU/push",
+            us(append_cpu),
+            dispatch_only.pushes_per_sec,
+            us(dispatch_only.cpu_per_push),
+        );
+        running.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(30), running.node.wait()).await;
+        return;
+    }
+    let mut base = p.updates();
+
+    // The whole pipeline. Warm up both paths first (statement caches, allocator, HPACK).
+    let warm = Params {
+        pushes: (p.pushes / 5).max(2) / 2 * 2,
+        ..p
+    };
+    let _ = full_load(&store, &fakes, warm, base).await;
+    base += warm.updates();
+    let _ = raw.run(warm).await;
+    // Load on a shared machine drifts: raw before and after Herald, Herald's run in between.
+    let (raw_before, raw_cpu_before) = raw.run(p).await;
+    let full = full_load(&store, &fakes, p, base).await;
+    base += p.updates();
+    let (raw_after, raw_cpu_after) = raw.run(p).await;
+    let raw_rate = 2.0 / (1.0 / raw_before + 1.0 / raw_after);
+    let raw_cpu = (raw_cpu_before + raw_cpu_after) / 2;
+    // Half load: paced at half the pushes/s just measured (two pushes per update).
+    let half_rate = std::env::var("PIPELINE_PACED_RATE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(full.pushes_per_sec / 2.0);
+    let half = paced_load(&store, &fakes, p, base, half_rate / 2.0).await;
+
+    running.shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(30), running.node.wait()).await;
+
+    println!(
+        "  {engine}: apart: appends alone {append_only:.0} pushes/s ({:.0} updates/s, {:.0} us \
+         CPU/push); dispatch alone (node started on that backlog) {:.0} pushes/s = {:.2} x raw, \
+         {:.0} us CPU/push",
+        append_only / 2.0,
+        us(append_cpu),
+        dispatch_only.pushes_per_sec,
+        dispatch_only.pushes_per_sec / raw_rate,
+        us(dispatch_only.cpu_per_push),
+    );
+    println!(
+        "  {engine}: full load: {} pushes in {:.2} s (appends done at {:.2} s), {:.0} us CPU/push \
+         (raw {:.0} us); raw runs {raw_before:.0}/s and {raw_after:.0}/s; latency max {:.1} ms",
+        p.pushes,
+        full.elapsed.as_secs_f64(),
+        full.appended.as_secs_f64(),
+        us(full.cpu_per_push),
+        us(raw_cpu),
+        ms(full.max),
+    );
+    println!(
+        "  {engine}: half load: offered {half_rate:.0} pushes/s, achieved {:.0}/s, {:.0} us \
+         CPU/push; latency max {:.1} ms",
+        half.pushes_per_sec,
+        us(half.cpu_per_push),
+        ms(half.max),
+    );
+    println!(
+        "{engine:<9} herald {:>6.0} pushes/s | raw h2 {:>6.0} pushes/s | ratio {:.2} (goal >= 0.50) \
+         | full load p50 {:>6.1} ms p99 {:>6.1} ms | half load ({half_rate:.0}/s) p50 {:>5.1} ms \
+         p99 {:>5.1} ms (goal < 50)",
+        full.pushes_per_sec,
+        raw_rate,
+        full.pushes_per_sec / raw_rate,
+        ms(full.p50),
+        ms(full.p99),
+        ms(half.p50),
+        ms(half.p99),
+    );
+}
+
+fn main() {
+    let p = Params {
+        pushes: env_usize("PIPELINE_PUSHES", 20_000).max(4) / 2 * 2,
+        users: 0,
+        appenders: env_usize("PIPELINE_APPENDERS", 8).max(1),
+        concurrency: Config::defaults().expect("config").dispatch.concurrency,
+    };
+    // A multiple of the appender count, so each user belongs to one appender.
+    let users = env_usize("PIPELINE_USERS", 1000)
+        .max(1)
+        .div_ceil(p.appenders)
+        * p.appenders;
+    let p = Params { users, ..p };
+    let engines = std::env::var("PIPELINE_ENGINES").unwrap_or_else(|_| "sqlite,postgres".into());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        println!(
+            "dispatch pipeline: {} pushes per run ({} updates x 2 devices), {} users, {} appenders, \
+             {} in flight per provider; {} CPUs",
+            p.pushes,
+            p.updates(),
+            p.users,
+            p.appenders,
+            p.concurrency,
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+        );
+        for engine in engines.split(',').map(str::trim) {
+            match engine {
+                "sqlite" => {
+                    let dir = tempfile::tempdir().expect("tempdir");
+                    let url = format!("sqlite://{}", dir.path().join("herald.db").display());
+                    bench_engine("sqlite", &url, p).await;
+                }
+                "postgres" => {
+                    let base = std::env::var("HERALD_TEST_DATABASE_URL").unwrap_or_else(|_| {
+                        "postgres://postgres@127.0.0.1:5432/postgres".into()
+                    });
+                    let (url, schema) = fresh_pg_url(&base).await;
+                    bench_engine("postgres", &url, p).await;
+                    drop_schema(&base, &schema).await;
+                }
+                other => panic!("unknown engine {other:?} in PIPELINE_ENGINES"),
+            }
+        }
+    });
+}
