@@ -138,6 +138,23 @@ const RAW_INSERT: &str = "INSERT INTO jobs (id, user_id, kind, input, status, at
      notify, idempotency_key, request_hash, run_at, created_at, updated_at) \
      VALUES ($1, $2, $3, $4, 'pending', 0, $5, NULL, NULL, NULL, $6, $7, $7, $7)";
 
+/// One raw insert of the row Herald writes, on either engine's pool.
+macro_rules! raw_insert {
+    ($pool:expr, $i:expr) => {
+        sqlx::query(RAW_INSERT)
+            .bind(uuid::Uuid::now_v7())
+            .bind("bench")
+            .bind("bench")
+            .bind(sqlx::types::Json(json!({"i": $i, "payload": "0123456789abcdef"})))
+            .bind(3)
+            .bind("hash")
+            .bind(chrono::Utc::now())
+            .execute($pool)
+            .await
+            .expect("insert")
+    };
+}
+
 async fn raw_sqlite(url: &str, n: usize, concurrency: usize) -> Figures {
     use sqlx::sqlite::{
         SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
@@ -157,27 +174,12 @@ async fn raw_sqlite(url: &str, n: usize, concurrency: usize) -> Figures {
         .expect("sqlite");
     let (latencies, elapsed) = drive(n, concurrency, move |i| {
         let pool = pool.clone();
-        async move { raw_insert_sqlite(&pool, i).await }
+        async move {
+            raw_insert!(&pool, i);
+        }
     })
     .await;
     figures(latencies, elapsed)
-}
-
-async fn raw_insert_sqlite(pool: &sqlx::SqlitePool, i: usize) {
-    let now = chrono::Utc::now();
-    sqlx::query(RAW_INSERT)
-        .bind(uuid::Uuid::now_v7())
-        .bind("bench")
-        .bind("bench")
-        .bind(sqlx::types::Json(
-            json!({"i": i, "payload": "0123456789abcdef"}),
-        ))
-        .bind(3)
-        .bind("hash")
-        .bind(now)
-        .execute(pool)
-        .await
-        .expect("insert");
 }
 
 async fn raw_pg(url: &str, n: usize, concurrency: usize, pool_size: u32) -> Figures {
@@ -189,20 +191,7 @@ async fn raw_pg(url: &str, n: usize, concurrency: usize, pool_size: u32) -> Figu
     let (latencies, elapsed) = drive(n, concurrency, move |i| {
         let pool = pool.clone();
         async move {
-            let now = chrono::Utc::now();
-            sqlx::query(RAW_INSERT)
-                .bind(uuid::Uuid::now_v7())
-                .bind("bench")
-                .bind("bench")
-                .bind(sqlx::types::Json(
-                    json!({"i": i, "payload": "0123456789abcdef"}),
-                ))
-                .bind(3)
-                .bind("hash")
-                .bind(now)
-                .execute(&pool)
-                .await
-                .expect("insert");
+            raw_insert!(&pool, i);
         }
     })
     .await;
