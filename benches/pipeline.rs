@@ -1,5 +1,6 @@
 //! The whole dispatch pipeline in pushes per second, on SQLite and PostgreSQL: updates appended
-//! (`publish_event`, one delivery per device in the same transaction) → deliveries claimed →
+//! (through the node's event group commit, the path `POST /v1/events` takes: concurrent appends
+//! share a transaction, one delivery per device in it) → deliveries claimed →
 //! sent to the fake APNs (TLS) and fake FCM (h2c) → outcomes recorded. Next to it, in the same
 //! run and against the same fakes, a minimal hyper HTTP/2 client sends equivalent requests at the
 //! same concurrency (the dispatcher's per-provider limit); the ratio is Herald / raw.
@@ -13,7 +14,7 @@
 //! PIPELINE_PUSHES (pushes per run, default 20000; two per update), PIPELINE_PACED_RATE (pushes/s
 //! of the paced run instead of half the measured rate, to compare changes), PIPELINE_USERS (default
 //! 1000, each with an iPhone and an Android phone), PIPELINE_APPENDERS (concurrent appenders,
-//! default 8), PIPELINE_ENGINES (`sqlite,postgres`), PIPELINE_ONLY=apart (only the append and
+//! default 64: many services publishing at once), PIPELINE_ENGINES (`sqlite,postgres`), PIPELINE_ONLY=apart (only the append and
 //! dispatch stages measured apart, for profiling), HERALD_TEST_DATABASE_URL (default
 //! postgres://postgres@127.0.0.1:5432/postgres).
 
@@ -34,7 +35,7 @@ use herald::providers::apns::{Clock, Environment, TokenCache};
 use herald::providers::fcm::{FCM_SCOPE, JWT_BEARER_GRANT, message};
 use herald::providers::tls::{TEST_CA_PEM, client_config};
 use herald::providers::{ApnsAppConfig, AppConfig, FcmAppConfig};
-use herald::store::Store;
+use herald::store::{EventIntake, Store, event_intake};
 use herald::updates::{NewUpdate, Update};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http2::SendRequest;
@@ -245,10 +246,10 @@ impl Commits {
     }
 }
 
-async fn publish(store: &Arc<dyn Store>, commits: &Commits, j: usize, users: usize) {
+async fn publish(events: &EventIntake, commits: &Commits, j: usize, users: usize) {
     let k = commits.base + j;
-    store
-        .publish_event(&user_id(j % users), &new_update(k))
+    events
+        .submit((user_id(j % users), new_update(k)))
         .await
         .expect("publish");
     let _ = commits.at[j].set(Instant::now());
@@ -278,16 +279,16 @@ struct Run {
 }
 
 /// Appends the run's updates as fast as `appenders` closed loops can.
-async fn flood(store: &Arc<dyn Store>, p: Params, commits: &Arc<Commits>) {
+async fn flood(events: &EventIntake, p: Params, commits: &Arc<Commits>) {
     let n = commits.at.len();
     let appenders: Vec<_> = (0..p.appenders)
         .map(|a| {
-            let (store, commits) = (store.clone(), commits.clone());
+            let (events, commits) = (events.clone(), commits.clone());
             tokio::spawn(async move {
                 // Appender a only writes users ≡ a (mod appenders): no row-lock contention on
                 // the users' sequence counters between appenders.
                 for j in (a..n).step_by(p.appenders) {
-                    publish(&store, &commits, j, p.users).await;
+                    publish(&events, &commits, j, p.users).await;
                 }
             })
         })
@@ -298,11 +299,12 @@ async fn flood(store: &Arc<dyn Store>, p: Params, commits: &Arc<Commits>) {
 }
 
 /// Appends as fast as it can while the node dispatches, then waits for every outcome.
-async fn full_load(store: &Arc<dyn Store>, fakes: &Fakes, p: Params, base: usize) -> Run {
+async fn full_load(running: &Running, fakes: &Fakes, p: Params, base: usize) -> Run {
+    let store = &running.store;
     let commits = Commits::new(base, p.updates());
     let cpu = cpu_time();
     let start = Instant::now();
-    flood(store, p, &commits).await;
+    flood(&running.node.events, p, &commits).await;
     let appended = start.elapsed();
     drained(store).await;
     let elapsed = start.elapsed();
@@ -312,12 +314,13 @@ async fn full_load(store: &Arc<dyn Store>, fakes: &Fakes, p: Params, base: usize
 
 /// Appends at `updates_per_sec` from an open-loop pacer, then waits for every outcome.
 async fn paced_load(
-    store: &Arc<dyn Store>,
+    running: &Running,
     fakes: &Fakes,
     p: Params,
     base: usize,
     updates_per_sec: f64,
 ) -> Run {
+    let store = &running.store;
     let n = p.updates();
     let commits = Commits::new(base, n);
     let cpu = cpu_time();
@@ -326,9 +329,9 @@ async fn paced_load(
     for j in 0..n {
         let at = start + Duration::from_secs_f64(j as f64 / updates_per_sec);
         tokio::time::sleep_until(at.into()).await;
-        let (store, commits) = (store.clone(), commits.clone());
+        let (events, commits) = (running.node.events.clone(), commits.clone());
         tasks.push(tokio::spawn(async move {
-            publish(&store, &commits, j, p.users).await;
+            publish(&events, &commits, j, p.users).await;
         }));
     }
     for t in tasks {
@@ -663,11 +666,16 @@ async fn bench_engine(engine: &str, url: &str, p: Params) {
         .expect("store");
     register(&store, p.users).await;
     let backlog = Commits::new(0, p.updates());
+    let stop = CancellationToken::new();
+    let max_connections = node_config(url, &fakes).database.max_connections;
+    let (events, events_task) = event_intake(store.clone(), max_connections, stop.clone());
     let cpu = cpu_time();
     let start = Instant::now();
-    flood(&store, p, &backlog).await;
+    flood(&events, p, &backlog).await;
     let append_only = p.pushes as f64 / start.elapsed().as_secs_f64();
     let append_cpu = cpu_time().saturating_sub(cpu) / p.pushes as u32;
+    stop.cancel();
+    let _ = events_task.await;
     store.close().await;
     // Dispatch alone: a node started on that backlog drains it (start-up and connecting
     // included).
@@ -707,12 +715,12 @@ async fn bench_engine(engine: &str, url: &str, p: Params) {
         pushes: (p.pushes / 5).max(2) / 2 * 2,
         ..p
     };
-    let _ = full_load(&store, &fakes, warm, base).await;
+    let _ = full_load(&running, &fakes, warm, base).await;
     base += warm.updates();
     let _ = raw.run(warm).await;
     // Load on a shared machine drifts: raw before and after Herald, Herald's run in between.
     let (raw_before, raw_cpu_before) = raw.run(p).await;
-    let full = full_load(&store, &fakes, p, base).await;
+    let full = full_load(&running, &fakes, p, base).await;
     base += p.updates();
     let (raw_after, raw_cpu_after) = raw.run(p).await;
     let raw_rate = 2.0 / (1.0 / raw_before + 1.0 / raw_after);
@@ -722,7 +730,7 @@ async fn bench_engine(engine: &str, url: &str, p: Params) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(full.pushes_per_sec / 2.0);
-    let half = paced_load(&store, &fakes, p, base, half_rate / 2.0).await;
+    let half = paced_load(&running, &fakes, p, base, half_rate / 2.0).await;
 
     running.shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(30), running.node.wait()).await;
@@ -772,7 +780,7 @@ fn main() {
     let p = Params {
         pushes: env_usize("PIPELINE_PUSHES", 20_000).max(4) / 2 * 2,
         users: 0,
-        appenders: env_usize("PIPELINE_APPENDERS", 8).max(1),
+        appenders: env_usize("PIPELINE_APPENDERS", 64).max(1),
         concurrency: Config::defaults().expect("config").dispatch.concurrency,
     };
     // A multiple of the appender count, so each user belongs to one appender.

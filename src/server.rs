@@ -15,7 +15,7 @@ use crate::config::{Config, Secret};
 use crate::dispatch::Dispatcher;
 use crate::jobs::Registry;
 use crate::queue::wakeup::listen_postgres;
-use crate::queue::{Backoff, Intake, Wakeup, Workers};
+use crate::queue::{Backoff, Wakeup, Workers};
 use crate::store::postgres::{JOBS_CHANNEL, UPDATES_CHANNEL};
 use crate::store::{self, Engine, Store};
 use crate::updates::run_retention;
@@ -45,6 +45,8 @@ pub struct Node {
     pub store: Arc<dyn Store>,
     /// Push senders per app.
     pub providers: crate::providers::Providers,
+    /// The group commit `POST /v1/events` appends through (for benchmarks and embedders).
+    pub events: store::EventIntake,
     shutdown: CancellationToken,
     server: JoinHandle<std::io::Result<()>>,
     tasks: JoinSet<()>,
@@ -132,18 +134,11 @@ pub async fn start(
     let wakeup = Arc::new(Wakeup::default());
     // The committer outlives the HTTP server's drain: it stops on its own token after it.
     let intake_stop = CancellationToken::new();
-    // SQLite has one writer: one committer, big batches. On PostgreSQL a batch costs a round
-    // trip per row, so smaller batches on a few connections commit side by side instead of
-    // every waiting request riding (and waiting for) one long transaction.
-    let (committers, max_batch) = match store.engine() {
-        Engine::Sqlite => (1, 256),
-        Engine::Postgres => (
-            (config.database.max_connections as usize / 4).clamp(1, 4),
-            16,
-        ),
-    };
+    let max_connections = config.database.max_connections;
     let (intake, intake_task) =
-        Intake::spawn(store.clone(), committers, max_batch, intake_stop.clone());
+        store::job_intake(store.clone(), max_connections, intake_stop.clone());
+    let (events, events_task) =
+        store::event_intake(store.clone(), max_connections, intake_stop.clone());
     let backoff = Backoff::new(config.queue.backoff_base_ms, config.queue.backoff_max_ms);
     let state = AppState {
         store: store.clone(),
@@ -156,6 +151,7 @@ pub async fn start(
         wakeup: wakeup.clone(),
         backoff,
         intake,
+        events: events.clone(),
     };
     let mut tasks = JoinSet::new();
     if store.engine() == Engine::Postgres {
@@ -212,12 +208,14 @@ pub async fn start(
         };
         intake_stop.cancel();
         let _ = intake_task.await;
+        let _ = events_task.await;
         result
     });
     Ok(Node {
         addr,
         store,
         providers,
+        events,
         shutdown,
         server,
         tasks,

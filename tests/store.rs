@@ -284,7 +284,56 @@ async fn recorded_outcomes_are_fenced_by_attempt(engine: Engine) {
     );
 }
 
+/// A batch of events for several users commits in one transaction: each user's seqs continue
+/// where their log stood, in batch order, and every active device of each user gets a delivery.
+async fn batched_appends_number_each_users_log_in_order(engine: Engine) {
+    let (_db, store) = open(engine).await;
+    for (user, n) in [("alice", 40), ("alice", 41), ("bob", 42)] {
+        store.upsert_device(user, &apns(n)).await.unwrap();
+    }
+    let event = |k: u32| herald::updates::NewUpdate {
+        kind: "order.shipped".into(),
+        tracking_id: None,
+        status: None,
+        data: Some(serde_json::json!({ "k": k })),
+        notification: None,
+    };
+    store.publish_event("bob", &event(0)).await.unwrap();
+    let batch: Vec<(String, herald::updates::NewUpdate)> = [
+        ("carol", 1),
+        ("bob", 2),
+        ("alice", 3),
+        ("bob", 4),
+        ("alice", 5),
+    ]
+    .into_iter()
+    .map(|(user, k)| (user.to_string(), event(k)))
+    .collect();
+    let appended = store.publish_events(&batch).await.unwrap();
+    let seqs: Vec<i64> = appended.iter().map(|u| u.seq).collect();
+    assert_eq!(seqs, [1, 2, 1, 3, 2], "bob's log already had seq 1");
+    for (user, ks) in [
+        ("alice", vec![3u32, 5]),
+        ("bob", vec![0, 2, 4]),
+        ("carol", vec![1]),
+    ] {
+        let log = store.list_updates(user, 0, 10).await.unwrap();
+        let got: Vec<u64> = log
+            .iter()
+            .map(|u| u.data.as_ref().unwrap()["k"].as_u64().unwrap())
+            .collect();
+        let want: Vec<u64> = ks.into_iter().map(u64::from).collect();
+        assert_eq!(got, want, "{user}'s log in order");
+        let seqs: Vec<i64> = log.iter().map(|u| u.seq).collect();
+        assert_eq!(seqs, (1..=log.len() as i64).collect::<Vec<_>>());
+    }
+    // alice: 2 updates x 2 devices; bob: 3 x 1; carol has no device.
+    assert_eq!(store.pending_deliveries().await.unwrap(), 7);
+    assert!(store.publish_events(&[]).await.unwrap().is_empty());
+}
+
 both_engines!(
+    batched_appends_number_each_users_log_in_order,
     group_commit_keeps_order_and_idempotency,
     migrations_are_idempotent_and_ping_works,
     upsert_creates_then_refreshes,

@@ -136,7 +136,7 @@ async fn publish_event(
     // The scope is checked before the body is judged: a caller without it learns nothing else.
     principal.require_scope(SCOPE)?;
     let (user_id, update) = parse_event(&body?)?;
-    let appended = state.store.publish_event(&user_id, &update).await?;
+    let appended = state.events.submit((user_id, update)).await?;
     metrics::counter!("herald_events_published_total").increment(1);
     tracing::info!(update_id = %appended.id, seq = appended.seq, r#type = %appended.kind, "event published");
     Ok((

@@ -24,8 +24,9 @@ use utoipa_axum::router::OpenApiRouter;
 use crate::auth::Authenticator;
 use crate::config::KindConfig;
 use crate::error::{ApiError, problem_response};
-use crate::queue::{Backoff, Intake, Wakeup};
+use crate::queue::{Backoff, Wakeup};
 use crate::store::Store;
+use crate::store::{EventIntake, JobIntake};
 
 mod devices;
 mod events;
@@ -57,7 +58,9 @@ pub struct AppState {
     /// Retry policy for externally reported failures.
     pub backoff: Backoff,
     /// Group commit of submissions.
-    pub intake: Intake,
+    pub intake: JobIntake,
+    /// Group commit of published events.
+    pub events: EventIntake,
 }
 
 impl FromRef<AppState> for Authenticator {

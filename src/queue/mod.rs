@@ -15,11 +15,9 @@ use crate::jobs::handlers::Progress;
 use crate::jobs::{ClaimedJob, HandlerError, JobContext, JobErrorInfo, Lease, Registry};
 use crate::store::Store;
 
-pub mod intake;
 pub mod retry;
 pub mod wakeup;
 
-pub use intake::Intake;
 pub use retry::Backoff;
 pub use wakeup::Wakeup;
 

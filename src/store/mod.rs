@@ -19,6 +19,7 @@ use crate::jobs::{
 };
 use crate::updates::Update;
 
+pub mod group_commit;
 #[macro_use]
 mod rows;
 pub mod outbox;
@@ -26,6 +27,7 @@ pub(crate) mod postgres;
 mod shared;
 mod sqlite;
 
+pub use group_commit::{EventIntake, GroupCommit, JobIntake, event_intake, job_intake};
 pub use outbox::{DeliveryOutcome, DeliveryResult, DueDelivery, Outbox};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;

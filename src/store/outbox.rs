@@ -100,8 +100,22 @@ pub trait Outbox: Send + Sync + 'static {
     /// Deliveries whose sender vanished go back to pending.
     async fn expire_delivery_leases(&self) -> Result<u64, StoreError>;
 
-    /// Append a published event to `user_id`'s log (with its deliveries).
-    async fn publish_event(&self, user_id: &str, update: &NewUpdate) -> Result<Update, StoreError>;
+    /// Append published events (user, update) to their users' logs, with their deliveries, in
+    /// one transaction; the appended updates come back in order.
+    async fn publish_events(
+        &self,
+        events: &[(String, NewUpdate)],
+    ) -> Result<Vec<Update>, StoreError>;
+
+    /// Append one published event to `user_id`'s log (with its deliveries).
+    async fn publish_event(&self, user_id: &str, update: &NewUpdate) -> Result<Update, StoreError> {
+        let mut appended = self
+            .publish_events(&[(user_id.to_string(), update.clone())])
+            .await?;
+        appended
+            .pop()
+            .ok_or_else(|| StoreError::Corrupt("no update appended".into()))
+    }
 
     /// Record that `device_id` (the user's) has seen up to `seq`; false when it is not theirs.
     async fn ack_updates(
@@ -377,14 +391,18 @@ macro_rules! impl_outbox {
                 Ok(done.rows_affected())
             }
 
-            async fn publish_event(
+            async fn publish_events(
                 &self,
-                user_id: &str,
-                update: &$crate::updates::NewUpdate,
-            ) -> Result<$crate::updates::Update, super::StoreError> {
+                events: &[(String, $crate::updates::NewUpdate)],
+            ) -> Result<Vec<$crate::updates::Update>, super::StoreError> {
+                if events.is_empty() {
+                    return Ok(Vec::new());
+                }
                 let now = chrono::Utc::now();
+                let events: Vec<(&str, &$crate::updates::NewUpdate)> =
+                    events.iter().map(|(user, update)| (user.as_str(), update)).collect();
                 let mut tx = self.writer().begin().await?;
-                let appended = Self::append_update(&mut tx, user_id, update, now).await?;
+                let appended = Self::append_updates(&mut tx, &events, now).await?;
                 tx.commit().await?;
                 self.signal_appended();
                 Ok(appended)

@@ -200,12 +200,6 @@ pub(super) const FAIL_EXPIRED: &str = "UPDATE jobs SET status = 'failed', error_
      lease_owner = NULL, lease_expires_at = NULL \
      WHERE status = 'processing' AND lease_expires_at <= $1 AND attempts >= max_attempts RETURNING id, user_id";
 
-/// Take the user's next seq (the row lock orders appends per user).
-pub(super) const NEXT_SEQ: &str = "INSERT INTO user_seqs (user_id, last_seq) VALUES ($1, 1) \
-     ON CONFLICT (user_id) DO UPDATE SET last_seq = user_seqs.last_seq + 1 RETURNING last_seq";
-/// Append one update.
-pub(super) const INSERT_UPDATE: &str = "INSERT INTO updates (id, user_id, seq, type, tracking_id, status, data, \
-     notification, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 /// A page of a user's log after a seq.
 pub(super) const LIST_UPDATES: &str = "SELECT seq, id, type, tracking_id, status, data, notification, created_at \
      FROM updates WHERE user_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";

@@ -15,42 +15,100 @@ macro_rules! impl_store {
                 new: &$crate::updates::NewUpdate,
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<$crate::updates::Update, sqlx::Error> {
-                let seq: i64 = sqlx::query_scalar(rows::NEXT_SEQ).bind(user_id).fetch_one(&mut **tx).await?;
-                let id = uuid::Uuid::now_v7();
-                sqlx::query(rows::INSERT_UPDATE)
-                    .bind(id)
-                    .bind(user_id)
-                    .bind(seq)
-                    .bind(&new.kind)
-                    .bind(new.tracking_id)
-                    .bind(&new.status)
-                    .bind(new.data.as_ref().map(sqlx::types::Json))
-                    .bind(new.notification.as_ref().map(sqlx::types::Json))
-                    .bind(now)
-                    .execute(&mut **tx)
-                    .await?;
-                // The outbox: one delivery per active device, committed with the update itself.
-                sqlx::query(
-                    "INSERT INTO deliveries (update_id, device_id, user_id, status, attempts, next_attempt_at, \
-                     created_at, updated_at) SELECT $1, id, user_id, 'pending', 0, $3, $3, $3 FROM devices \
-                     WHERE user_id = $2 AND status = 'active'",
-                )
-                .bind(id)
-                .bind(user_id)
-                .bind(now)
-                .execute(&mut **tx)
-                .await?;
+                let mut appended = Self::append_updates(tx, &[(user_id, new)], now).await?;
+                appended.pop().ok_or_else(|| sqlx::Error::Protocol("no update appended".into()))
+            }
+
+            /// Append updates to their users' logs inside `tx`, in order, each with one
+            /// delivery per active device of its user (the outbox). A few statements per chunk
+            /// of rows however many updates there are.
+            async fn append_updates(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                events: &[(&str, &$crate::updates::NewUpdate)],
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<Vec<$crate::updates::Update>, sqlx::Error> {
+                use std::collections::{BTreeMap, HashMap};
+                // Each user's counter moves once per batch, and the counters are taken in one
+                // order (sorted by user) by every writer, so concurrent batches cannot deadlock.
+                let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
+                for (user, _) in events {
+                    *counts.entry(*user).or_default() += 1;
+                }
+                let of_user: HashMap<&str, i64> = counts.iter().map(|(u, n)| (*u, *n)).collect();
+                let counts: Vec<(&str, i64)> = counts.into_iter().collect();
+                let mut next: HashMap<String, i64> = HashMap::with_capacity(counts.len());
+                let mut rest = &counts[..];
+                while !rest.is_empty() {
+                    let (chunk, tail) = rest.split_at(super::outbox::chunk_len(rest.len()));
+                    rest = tail;
+                    let mut bump = sqlx::QueryBuilder::<$db>::new("INSERT INTO user_seqs (user_id, last_seq) ");
+                    bump.push_values(chunk, |mut row, (user, n)| {
+                        row.push_bind(*user).push_bind(*n);
+                    });
+                    bump.push(
+                        " ON CONFLICT (user_id) DO UPDATE SET last_seq = user_seqs.last_seq + excluded.last_seq \
+                         RETURNING user_id, last_seq",
+                    );
+                    let bumped: Vec<(String, i64)> = bump.build_query_as().fetch_all(&mut **tx).await?;
+                    for (user, last) in bumped {
+                        let n = of_user.get(user.as_str()).copied().unwrap_or(1);
+                        next.insert(user, last - n + 1);
+                    }
+                }
+                let mut appended = Vec::with_capacity(events.len());
+                for (user, new) in events {
+                    let seq = next.get_mut(*user).ok_or_else(|| {
+                        sqlx::Error::Protocol(format!("no sequence returned for user {user}"))
+                    })?;
+                    appended.push($crate::updates::Update {
+                        seq: *seq,
+                        id: uuid::Uuid::now_v7(),
+                        kind: new.kind.clone(),
+                        tracking_id: new.tracking_id,
+                        status: new.status.clone(),
+                        data: new.data.clone(),
+                        notification: new.notification.clone(),
+                        created_at: now,
+                    });
+                    *seq += 1;
+                }
+                let rows: Vec<(&str, &$crate::updates::Update)> =
+                    events.iter().map(|(user, _)| *user).zip(&appended).collect();
+                let mut rest = &rows[..];
+                while !rest.is_empty() {
+                    let (chunk, tail) = rest.split_at(super::outbox::chunk_len(rest.len()));
+                    rest = tail;
+                    let mut insert = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO updates (id, user_id, seq, type, tracking_id, status, data, notification, created_at) ",
+                    );
+                    insert.push_values(chunk, |mut row, (user, u)| {
+                        row.push_bind(u.id)
+                            .push_bind(*user)
+                            .push_bind(u.seq)
+                            .push_bind(&u.kind)
+                            .push_bind(u.tracking_id)
+                            .push_bind(&u.status)
+                            .push_bind(u.data.as_ref().map(sqlx::types::Json))
+                            .push_bind(u.notification.as_ref().map(sqlx::types::Json))
+                            .push_bind(u.created_at);
+                    });
+                    insert.build().execute(&mut **tx).await?;
+                    // The outbox: one delivery per active device, committed with the update itself.
+                    let mut outbox = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO deliveries (update_id, device_id, user_id, status, attempts, next_attempt_at, \
+                         created_at, updated_at) SELECT u.id, v.id, v.user_id, 'pending', 0, u.created_at, \
+                         u.created_at, u.created_at FROM updates u JOIN devices v ON v.user_id = u.user_id \
+                         AND v.status = 'active' WHERE u.id IN (",
+                    );
+                    let mut ids = outbox.separated(", ");
+                    for (_, u) in chunk {
+                        ids.push_bind(u.id);
+                    }
+                    outbox.push(")");
+                    outbox.build().execute(&mut **tx).await?;
+                }
                 Self::notify_updates(tx).await?;
-                Ok($crate::updates::Update {
-                    seq,
-                    id,
-                    kind: new.kind.clone(),
-                    tracking_id: new.tracking_id,
-                    status: new.status.clone(),
-                    data: new.data.clone(),
-                    notification: new.notification.clone(),
-                    created_at: now,
-                })
+                Ok(appended)
             }
 
             async fn try_upsert(
@@ -343,17 +401,21 @@ macro_rules! impl_store {
                 let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(30));
                 let mut tx = self.writer().begin().await?;
                 let mut claimed = Self::claim_rows(&mut tx, kinds, max, owner, until, now).await?;
-                // One lock order for every claimer: per-user seq rows are taken sorted by user.
                 claimed.sort_by(|a, b| a.user_id.cmp(&b.user_id).then(a.id.cmp(&b.id)));
-                for row in &claimed {
-                    let update = $crate::updates::NewUpdate {
+                let updates: Vec<$crate::updates::NewUpdate> = claimed
+                    .iter()
+                    .map(|row| $crate::updates::NewUpdate {
                         kind: "job.processing".into(),
                         tracking_id: Some(row.id),
                         status: Some("processing".into()),
                         data: Some(serde_json::json!({ "attempt": row.attempts })),
                         notification: None,
-                    };
-                    Self::append_update(&mut tx, &row.user_id, &update, now).await?;
+                    })
+                    .collect();
+                let events: Vec<(&str, &$crate::updates::NewUpdate)> =
+                    claimed.iter().map(|row| row.user_id.as_str()).zip(&updates).collect();
+                if !events.is_empty() {
+                    Self::append_updates(&mut tx, &events, now).await?;
                 }
                 tx.commit().await?;
                 self.signal_appended();
