@@ -20,6 +20,10 @@ use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
 
+/// The allocator the `herald` binary runs with.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const TOPIC: &str = "com.example.herald";
 
 fn env(name: &str, default: usize) -> usize {

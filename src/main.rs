@@ -9,6 +9,9 @@ use tokio_util::sync::CancellationToken;
 use herald::config::Config;
 use herald::server;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "herald", version, about = "Self-hosted mobile push backend")]
 struct Cli {

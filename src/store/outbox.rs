@@ -128,7 +128,7 @@ pub trait Outbox: Send + Sync + 'static {
     /// Updates each of the user's devices has not acknowledged.
     async fn unseen_counts(&self, user_id: &str) -> Result<HashMap<Uuid, i64>, StoreError>;
 
-    /// Delete updates (and their deliveries) and finished deliveries older than `before`.
+    /// Delete updates older than `before`, and with them their deliveries; returns how many updates.
     async fn purge(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
 
     /// Pending or in-flight deliveries (a gauge for /metrics and tests).
@@ -439,21 +439,13 @@ macro_rules! impl_outbox {
             }
 
             async fn purge(&self, before: chrono::DateTime<chrono::Utc>) -> Result<u64, super::StoreError> {
-                let mut tx = self.writer().begin().await?;
-                let finished = sqlx::query(
-                    "DELETE FROM deliveries WHERE status IN ('sent', 'failed', 'dropped') AND updated_at < $1",
-                )
-                .bind(before)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
+                // Deliveries, finished or not, go with their update (ON DELETE CASCADE).
                 let updates = sqlx::query("DELETE FROM updates WHERE created_at < $1")
                     .bind(before)
-                    .execute(&mut *tx)
+                    .execute(self.writer())
                     .await?
                     .rows_affected();
-                tx.commit().await?;
-                Ok(finished + updates)
+                Ok(updates)
             }
 
             fn appended(&self) -> std::sync::Arc<tokio::sync::Notify> {
