@@ -2,7 +2,11 @@
 //! SQLite and PostgreSQL, next to the raw rate of inserting the same row with sqlx at the same
 //! concurrency in the same run. Run: `cargo bench --bench jobs_ack` (needs the test PostgreSQL).
 //!
-//! Environment: BENCH_REQUESTS (default 4000), BENCH_CONCURRENCY (default 32),
+//! Both paths are warmed up first, then rounds alternate (Herald, raw, Herald, raw, ...) and the
+//! median round of each is compared.
+//!
+//! Environment: BENCH_REQUESTS (per round, default 4000), BENCH_ROUNDS (default 3),
+//! BENCH_CONCURRENCY (default 32),
 //! HERALD_TEST_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/postgres).
 
 use std::sync::Arc;
@@ -12,6 +16,10 @@ use herald::config::{Config, KindConfig, Secret};
 use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+
+/// The allocator the `herald` binary runs with.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const SECRET: &str = "bench-secret-0123456789abcdef01234567";
 
@@ -79,59 +87,84 @@ async fn fresh_pg_url(base: &str) -> String {
     format!("{base}{sep}options=-c%20search_path%3D{schema}")
 }
 
-async fn herald_acks(url: &str, n: usize, concurrency: usize) -> Figures {
-    let mut config = Config::defaults().expect("config");
-    config.database.url = Secret::new(url);
-    config.auth.hs256_secret = Secret::new(SECRET);
-    config.log = "error".into();
-    // An external kind: nothing runs the jobs, so only acknowledgments are measured.
-    config.kinds.insert(
-        "bench".into(),
-        KindConfig {
-            handler: "external".into(),
-            max_attempts: 3,
-        },
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let shutdown = CancellationToken::new();
-    let node = herald::server::start(config, listener, shutdown.clone())
-        .await
-        .expect("start");
-    let base = format!("http://{}/v1/jobs", node.addr);
-    let token = herald::auth::mint_hs256(
-        &Secret::new(SECRET),
-        "bench",
-        None,
-        Duration::from_secs(3600),
-        None,
-        None,
-    )
-    .expect("token");
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(concurrency)
-        .build()
-        .expect("client");
-    let (latencies, elapsed) = drive(n, concurrency, move |i| {
-        let client = client.clone();
-        let base = base.clone();
-        let token = token.clone();
-        async move {
-            let response = client
-                .post(&base)
-                .bearer_auth(&token)
-                .json(&json!({"kind": "bench", "input": {"i": i, "payload": "0123456789abcdef"}}))
-                .send()
-                .await
-                .expect("request");
-            assert_eq!(response.status(), 202);
+/// A running node and a client for it.
+struct Herald {
+    node: herald::server::Node,
+    shutdown: CancellationToken,
+    client: reqwest::Client,
+    url: String,
+    token: String,
+}
+
+impl Herald {
+    async fn start(url: &str, concurrency: usize) -> Self {
+        let mut config = Config::defaults().expect("config");
+        config.database.url = Secret::new(url);
+        config.auth.hs256_secret = Secret::new(SECRET);
+        config.log = "error".into();
+        // An external kind: nothing runs the jobs, so only acknowledgments are measured.
+        config.kinds.insert(
+            "bench".into(),
+            KindConfig {
+                handler: "external".into(),
+                max_attempts: 3,
+            },
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let shutdown = CancellationToken::new();
+        let node = herald::server::start(config, listener, shutdown.clone())
+            .await
+            .expect("start");
+        let url = format!("http://{}/v1/jobs", node.addr);
+        let token = herald::auth::mint_hs256(
+            &Secret::new(SECRET),
+            "bench",
+            None,
+            Duration::from_secs(3600),
+            None,
+            None,
+        )
+        .expect("token");
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(concurrency)
+            .build()
+            .expect("client");
+        Self {
+            node,
+            shutdown,
+            client,
+            url,
+            token,
         }
-    })
-    .await;
-    shutdown.cancel();
-    let _ = node.wait().await;
-    figures(latencies, elapsed)
+    }
+
+    async fn run(&self, n: usize, concurrency: usize) -> Figures {
+        let (client, url, token) = (self.client.clone(), self.url.clone(), self.token.clone());
+        let (latencies, elapsed) = drive(n, concurrency, move |i| {
+            let (client, url, token) = (client.clone(), url.clone(), token.clone());
+            async move {
+                let response = client
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .json(
+                        &json!({"kind": "bench", "input": {"i": i, "payload": "0123456789abcdef"}}),
+                    )
+                    .send()
+                    .await
+                    .expect("request");
+                assert_eq!(response.status(), 202);
+            }
+        })
+        .await;
+        figures(latencies, elapsed)
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.node.wait().await;
+    }
 }
 
 const RAW_INSERT: &str = "INSERT INTO jobs (id, user_id, kind, input, status, attempts, max_attempts, callback_url, \
@@ -155,47 +188,97 @@ macro_rules! raw_insert {
     };
 }
 
-async fn raw_sqlite(url: &str, n: usize, concurrency: usize) -> Figures {
-    use sqlx::sqlite::{
-        SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
-    };
-    use std::str::FromStr;
-    let options = SqliteConnectOptions::from_str(url)
-        .expect("url")
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Full)
-        .busy_timeout(Duration::from_secs(30));
-    // One connection: SQLite has one writer, so more connections only add lock waits.
-    let pool = SqlitePoolOptions::new()
-        .max_connections(1)
-        .connect_with(options)
-        .await
-        .expect("sqlite");
-    let (latencies, elapsed) = drive(n, concurrency, move |i| {
-        let pool = pool.clone();
-        async move {
-            raw_insert!(&pool, i);
-        }
-    })
-    .await;
-    figures(latencies, elapsed)
+/// The baseline: the same row inserted with sqlx, one statement per insert.
+enum Raw {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
 }
 
-async fn raw_pg(url: &str, n: usize, concurrency: usize, pool_size: u32) -> Figures {
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(pool_size)
-        .connect(url)
+impl Raw {
+    async fn sqlite(url: &str) -> Self {
+        use sqlx::sqlite::{
+            SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+        };
+        use std::str::FromStr;
+        let options = SqliteConnectOptions::from_str(url)
+            .expect("url")
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(30));
+        // One connection: SQLite has one writer, so more connections only add lock waits.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await
+            .expect("sqlite");
+        Self::Sqlite(pool)
+    }
+
+    async fn postgres(url: &str, pool_size: u32) -> Self {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(pool_size)
+            .connect(url)
+            .await
+            .expect("pg");
+        Self::Postgres(pool)
+    }
+
+    async fn run(&self, n: usize, concurrency: usize) -> Figures {
+        let (latencies, elapsed) = match self {
+            Self::Sqlite(pool) => {
+                let pool = pool.clone();
+                drive(n, concurrency, move |i| {
+                    let pool = pool.clone();
+                    async move {
+                        raw_insert!(&pool, i);
+                    }
+                })
+                .await
+            }
+            Self::Postgres(pool) => {
+                let pool = pool.clone();
+                drive(n, concurrency, move |i| {
+                    let pool = pool.clone();
+                    async move {
+                        raw_insert!(&pool, i);
+                    }
+                })
+                .await
+            }
+        };
+        figures(latencies, elapsed)
+    }
+}
+
+/// Warm both paths up (connections, prepared statements, caches), then alternate rounds so
+/// drifting load on a shared machine hits both alike; the median round of each is reported.
+async fn compare(engine: &str, herald: Herald, raw: Raw, n: usize, concurrency: usize) {
+    let warm = (n / 4).max(1);
+    let _ = herald.run(warm, concurrency).await;
+    let _ = raw.run(warm, concurrency).await;
+    let rounds = env_usize("BENCH_ROUNDS", 3).max(1);
+    let (mut h, mut r) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        h.push(herald.run(n, concurrency).await);
+        r.push(raw.run(n, concurrency).await);
+    }
+    herald.stop().await;
+    let median = |mut v: Vec<Figures>| {
+        v.sort_by(|a, b| a.per_sec.total_cmp(&b.per_sec));
+        v.swap_remove(v.len() / 2)
+    };
+    print(engine, &median(h), &median(r));
+}
+
+async fn schema(url: &str) {
+    let mut config = Config::defaults().expect("config");
+    config.database.url = Secret::new(url);
+    herald::server::open_store(&config)
         .await
-        .expect("pg");
-    let (latencies, elapsed) = drive(n, concurrency, move |i| {
-        let pool = pool.clone();
-        async move {
-            raw_insert!(&pool, i);
-        }
-    })
-    .await;
-    figures(latencies, elapsed)
+        .expect("schema")
+        .close()
+        .await;
 }
 
 fn print(engine: &str, herald: &Figures, raw: &Figures) {
@@ -222,38 +305,22 @@ fn main() {
     runtime.block_on(async {
         println!("POST /v1/jobs durable acknowledgments: {n} requests, {concurrency} in flight");
         let dir = tempfile::tempdir().expect("tempdir");
-        // Herald and the raw baseline each get a fresh database file of the same schema.
+        // Herald and the raw baseline each get a fresh database of the same schema.
         let herald_url = format!("sqlite://{}", dir.path().join("herald.db").display());
         let raw_url = format!("sqlite://{}", dir.path().join("raw.db").display());
-        let herald = herald_acks(&herald_url, n, concurrency).await;
-        {
-            let mut config = Config::defaults().expect("config");
-            config.database.url = Secret::new(raw_url.clone());
-            herald::server::open_store(&config)
-                .await
-                .expect("schema")
-                .close()
-                .await;
-        }
-        let raw = raw_sqlite(&raw_url, n, concurrency).await;
-        print("sqlite", &herald, &raw);
+        let herald = Herald::start(&herald_url, concurrency).await;
+        schema(&raw_url).await;
+        let raw = Raw::sqlite(&raw_url).await;
+        compare("sqlite", herald, raw, n, concurrency).await;
 
         let base = std::env::var("HERALD_TEST_DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
         let herald_url = fresh_pg_url(&base).await;
         let raw_url = fresh_pg_url(&base).await;
-        let herald = herald_acks(&herald_url, n, concurrency).await;
-        {
-            let mut config = Config::defaults().expect("config");
-            config.database.url = Secret::new(raw_url.clone());
-            herald::server::open_store(&config)
-                .await
-                .expect("schema")
-                .close()
-                .await;
-        }
+        let herald = Herald::start(&herald_url, concurrency).await;
+        schema(&raw_url).await;
         let pool_size = Config::defaults().expect("config").database.max_connections;
-        let raw = raw_pg(&raw_url, n, concurrency, pool_size).await;
-        print("postgres", &herald, &raw);
+        let raw = Raw::postgres(&raw_url, pool_size).await;
+        compare("postgres", herald, raw, n, concurrency).await;
     });
 }

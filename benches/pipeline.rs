@@ -44,6 +44,10 @@ use rustls::pki_types::ServerName;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+/// The allocator the `herald` binary runs with.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const APP: &str = "com.example.herald";
 const SECRET: &str = "bench-secret-0123456789abcdef01234567";
 

@@ -131,7 +131,13 @@ pub async fn start(
     let auth = Authenticator::from_config(&config.auth)
         .await
         .map_err(|e| StartError::Auth(e.to_string()))?;
-    let wakeup = Arc::new(Wakeup::default());
+    let mut registry = Registry::new();
+    for (name, kind) in &config.kinds {
+        if let Some(handler) = Registry::builtin(&kind.handler) {
+            registry.insert(name.clone(), handler);
+        }
+    }
+    let wakeup = Arc::new(Wakeup::new(registry.kinds()));
     // The committer outlives the HTTP server's drain: it stops on its own token after it.
     let intake_stop = CancellationToken::new();
     let max_connections = config.database.max_connections;
@@ -158,9 +164,10 @@ pub async fn start(
         // Other nodes announce new jobs and appended updates; relay them to this node's loops.
         let url = config.database.url.expose().to_string();
         let (jobs_wake, updates_wake) = (wakeup.clone(), store.appended());
-        let wake = move |channel: &str| {
+        let wake = move |channel: &str, payload: &str| {
             if channel == JOBS_CHANNEL {
-                jobs_wake.job_available();
+                // The payload names the job's kind ("" for any).
+                jobs_wake.job_available(payload);
             } else {
                 updates_wake.notify_one();
             }
@@ -176,12 +183,6 @@ pub async fn start(
         Dispatcher::new(store.clone(), providers.clone(), config.dispatch.clone())
             .run(shutdown.clone()),
     );
-    let mut registry = Registry::new();
-    for (name, kind) in &config.kinds {
-        if let Some(handler) = Registry::builtin(&kind.handler) {
-            registry.insert(name.clone(), handler);
-        }
-    }
     let owner = format!("node:{}", uuid::Uuid::now_v7());
     let workers = Workers::new(store.clone(), registry, config.queue.clone(), wakeup, owner);
     tasks.spawn(workers.run(shutdown.clone()));

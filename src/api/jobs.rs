@@ -188,7 +188,7 @@ async fn submit_job(
     let new = parse_submission(&state, &user.sub, &headers, &body)?;
     match state.intake.submit(new).await? {
         CreateOutcome::Created(job) => {
-            state.wakeup.job_available();
+            state.wakeup.job_available(&job.kind);
             metrics::counter!("herald_jobs_submitted_total", "kind" => job.kind.clone())
                 .increment(1);
             tracing::info!(tracking_id = %job.tracking_id, kind = %job.kind, "job accepted");

@@ -302,7 +302,7 @@ async fn fail(
     });
     if state.store.fail_job(&lease, &error, retry_at).await? {
         if retryable {
-            state.wakeup.job_available();
+            state.wakeup.job_available("");
         }
         Ok(StatusCode::NO_CONTENT)
     } else {

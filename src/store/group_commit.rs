@@ -134,16 +134,12 @@ pub type JobIntake = GroupCommit<crate::jobs::NewJob, crate::jobs::CreateOutcome
 pub type EventIntake = GroupCommit<(String, crate::updates::NewUpdate), crate::updates::Update>;
 
 /// Committers and batch size for `store`'s engine. SQLite has one writer: one committer, big
-/// batches. On PostgreSQL a few connections commit side by side instead of every waiting
-/// request riding (and waiting for) one long transaction; `bulk` says whether a batch costs a
-/// round trip per chunk of rows (larger batches pay) or per row (smaller ones).
-fn sizing(store: &dyn super::Store, max_connections: u32, bulk: bool) -> (usize, usize) {
+/// batches. On PostgreSQL a batch costs a round trip per statement, not per row, so batches
+/// are large too; a second committer keeps one batch being written while the next fills.
+fn sizing(store: &dyn super::Store, max_connections: u32) -> (usize, usize) {
     match store.engine() {
         super::Engine::Sqlite => (1, MAX_BATCH),
-        super::Engine::Postgres => (
-            (max_connections as usize / 4).clamp(1, 4),
-            if bulk { 64 } else { 16 },
-        ),
+        super::Engine::Postgres => ((max_connections as usize / 4).clamp(1, 2), 64),
     }
 }
 
@@ -153,7 +149,7 @@ pub fn job_intake(
     max_connections: u32,
     shutdown: CancellationToken,
 ) -> (JobIntake, tokio::task::JoinHandle<()>) {
-    let (committers, max_batch) = sizing(&*store, max_connections, false);
+    let (committers, max_batch) = sizing(&*store, max_connections);
     let commit = move |jobs: Vec<crate::jobs::NewJob>| {
         let store = store.clone();
         async move { store.create_jobs(&jobs).await }
@@ -167,7 +163,7 @@ pub fn event_intake(
     max_connections: u32,
     shutdown: CancellationToken,
 ) -> (EventIntake, tokio::task::JoinHandle<()>) {
-    let (committers, max_batch) = sizing(&*store, max_connections, true);
+    let (committers, max_batch) = sizing(&*store, max_connections);
     let commit = move |events: Vec<(String, crate::updates::NewUpdate)>| {
         let store = store.clone();
         async move { store.publish_events(&events).await }

@@ -91,10 +91,12 @@ impl PgStore {
         .await
     }
 
-    /// One round trip for a whole batch of submissions (a round trip per row is what limits a
-    /// group commit on PostgreSQL). Rows come back in input order.
+    /// One round trip for a whole batch of submissions, committed on its own (a single
+    /// statement autocommits: no BEGIN/COMMIT round trips), NOTIFY included. A round trip per
+    /// row or per step is what limits a group commit on PostgreSQL. Rows come back in input
+    /// order.
     async fn insert_jobs_at_once(
-        tx: &mut Transaction<'_, Postgres>,
+        &self,
         jobs: &[crate::jobs::NewJob],
         now: DateTime<Utc>,
     ) -> Result<Option<Vec<rows::JobRow>>, sqlx::Error> {
@@ -110,13 +112,17 @@ impl PgStore {
             .map(|j| j.notify.as_ref().map(sqlx::types::Json))
             .collect();
         let hashes: Vec<&str> = jobs.iter().map(|j| j.request_hash.as_str()).collect();
+        // The one-row `announce` runs once per statement, inside it (and so inside the same
+        // transaction as the insert): one NOTIFY per kind, heard by every node at commit.
         let inserted: Vec<rows::JobRow> = sqlx::query_as(concat!(
-            "INSERT INTO jobs (id, user_id, kind, input, status, attempts, max_attempts, callback_url, notify, \
-             request_hash, run_at, created_at, updated_at) \
+            "WITH inserted AS (INSERT INTO jobs (id, user_id, kind, input, status, attempts, max_attempts, \
+             callback_url, notify, request_hash, run_at, created_at, updated_at) \
              SELECT id, user_id, kind, input, 'pending', 0, max_attempts, callback_url, notify, request_hash, $9, $9, $9 \
              FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::int[], $6::text[], $7::jsonb[], $8::text[]) \
              AS t(id, user_id, kind, input, max_attempts, callback_url, notify, request_hash) RETURNING ",
-            job_columns!()
+            job_columns!(),
+            "), announce AS (SELECT count(pg_notify($10, kind)) AS notified FROM (SELECT DISTINCT unnest($3::text[])) \
+             AS kinds(kind)) SELECT inserted.*, announce.notified FROM inserted CROSS JOIN announce"
         ))
         .bind(&ids)
         .bind(&users)
@@ -127,7 +133,8 @@ impl PgStore {
         .bind(&notifies)
         .bind(&hashes)
         .bind(now)
-        .fetch_all(&mut **tx)
+        .bind(JOBS_CHANNEL)
+        .fetch_all(&self.pool)
         .await?;
         // RETURNING order is not promised: put rows back in input order by id.
         let mut by_id: std::collections::HashMap<uuid::Uuid, rows::JobRow> =

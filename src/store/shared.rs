@@ -266,21 +266,19 @@ macro_rules! impl_store {
             ) -> Result<Vec<$crate::jobs::CreateOutcome>, super::StoreError> {
                 use $crate::jobs::CreateOutcome;
                 let now = chrono::Utc::now();
-                let mut tx = self.writer().begin().await?;
                 // Without idempotency keys nothing can conflict, so an engine may insert the
                 // whole batch in one statement.
-                if jobs.iter().all(|j| j.idempotency_key.is_none()) {
-                    if let Some(rows) = Self::insert_jobs_at_once(&mut tx, jobs, now).await? {
-                        Self::notify_jobs(&mut tx, "").await?;
-                        tx.commit().await?;
-                        return rows
-                            .into_iter()
-                            .map(|row| Ok(CreateOutcome::Created(row.try_into()?)))
-                            .collect();
-                    }
+                if jobs.iter().all(|j| j.idempotency_key.is_none())
+                    && let Some(rows) = self.insert_jobs_at_once(jobs, now).await?
+                {
+                    return rows
+                        .into_iter()
+                        .map(|row| Ok(CreateOutcome::Created(row.try_into()?)))
+                        .collect();
                 }
+                let mut tx = self.writer().begin().await?;
                 let mut outcomes = Vec::with_capacity(jobs.len());
-                let mut created = false;
+                let mut created: Vec<&str> = Vec::new();
                 for job in jobs {
                     let inserted: Option<rows::JobRow> = sqlx::query_as(rows::INSERT_JOB)
                         .bind(uuid::Uuid::now_v7())
@@ -297,7 +295,7 @@ macro_rules! impl_store {
                         .await?;
                     outcomes.push(match inserted {
                         Some(row) => {
-                            created = true;
+                            created.push(&job.kind);
                             CreateOutcome::Created(row.try_into()?)
                         }
                         None => {
@@ -316,8 +314,10 @@ macro_rules! impl_store {
                         }
                     });
                 }
-                if created {
-                    Self::notify_jobs(&mut tx, "").await?;
+                created.sort_unstable();
+                created.dedup();
+                for kind in created {
+                    Self::notify_jobs(&mut tx, kind).await?;
                 }
                 tx.commit().await?;
                 Ok(outcomes)

@@ -96,7 +96,7 @@ impl SqliteStore {
 
     /// The single writer makes per-row inserts cheap; no bulk path needed.
     async fn insert_jobs_at_once(
-        _tx: &mut Transaction<'_, Sqlite>,
+        &self,
         _jobs: &[crate::jobs::NewJob],
         _now: DateTime<Utc>,
     ) -> Result<Option<Vec<rows::JobRow>>, sqlx::Error> {
