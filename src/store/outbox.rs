@@ -401,6 +401,10 @@ macro_rules! impl_outbox {
                 let now = chrono::Utc::now();
                 let events: Vec<(&str, &$crate::updates::NewUpdate)> =
                     events.iter().map(|(user, update)| (user.as_str(), update)).collect();
+                if let Some(appended) = self.append_updates_at_once(&events, now).await? {
+                    self.signal_appended();
+                    return Ok(appended);
+                }
                 let mut tx = self.writer().begin().await?;
                 let appended = Self::append_updates(&mut tx, &events, now).await?;
                 tx.commit().await?;

@@ -145,6 +145,76 @@ impl PgStore {
         })
     }
 
+    /// A batch of published events appended in one autocommitted statement (the same steps as
+    /// `append_updates`: counters bumped once per user in user order, updates numbered in
+    /// batch order, one delivery per active device, NOTIFY): one round trip instead of six.
+    async fn append_updates_at_once(
+        &self,
+        events: &[(&str, &crate::updates::NewUpdate)],
+        now: DateTime<Utc>,
+    ) -> Result<Option<Vec<crate::updates::Update>>, sqlx::Error> {
+        use sqlx::types::Json;
+        let ids: Vec<uuid::Uuid> = events.iter().map(|_| uuid::Uuid::now_v7()).collect();
+        let users: Vec<&str> = events.iter().map(|(user, _)| *user).collect();
+        let kinds: Vec<&str> = events.iter().map(|(_, u)| u.kind.as_str()).collect();
+        let tracking: Vec<Option<uuid::Uuid>> = events.iter().map(|(_, u)| u.tracking_id).collect();
+        let statuses: Vec<Option<&str>> = events.iter().map(|(_, u)| u.status.as_deref()).collect();
+        let data: Vec<Option<Json<&serde_json::Value>>> =
+            events.iter().map(|(_, u)| u.data.as_ref().map(Json)).collect();
+        let notifications: Vec<Option<Json<&crate::jobs::Notification>>> = events
+            .iter()
+            .map(|(_, u)| u.notification.as_ref().map(Json))
+            .collect();
+        let numbered: Vec<(uuid::Uuid, i64)> = sqlx::query_as(
+            "WITH ev AS (SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[], \
+             $6::jsonb[], $7::jsonb[]) WITH ORDINALITY AS t(id, user_id, type, tracking_id, status, data, notification, ord)), \
+             counts AS (SELECT user_id, count(*) AS n FROM ev GROUP BY user_id), \
+             bumped AS (INSERT INTO user_seqs (user_id, last_seq) SELECT user_id, n FROM counts ORDER BY user_id \
+             ON CONFLICT (user_id) DO UPDATE SET last_seq = user_seqs.last_seq + excluded.last_seq \
+             RETURNING user_id, last_seq), \
+             numbered AS (SELECT ev.*, b.last_seq - c.n + row_number() OVER (PARTITION BY ev.user_id ORDER BY ev.ord) AS seq \
+             FROM ev JOIN bumped b USING (user_id) JOIN counts c USING (user_id)), \
+             inserted AS (INSERT INTO updates (id, user_id, seq, type, tracking_id, status, data, notification, created_at) \
+             SELECT id, user_id, seq, type, tracking_id, status, data, notification, $8 FROM numbered RETURNING id, user_id, seq), \
+             outbox AS (INSERT INTO deliveries (update_id, device_id, user_id, status, attempts, next_attempt_at, \
+             created_at, updated_at) SELECT i.id, v.id, v.user_id, 'pending', 0, $8, $8, $8 FROM inserted i \
+             JOIN devices v ON v.user_id = i.user_id AND v.status = 'active'), \
+             announce AS (SELECT pg_notify($9, '') AS notified) \
+             SELECT inserted.id, inserted.seq FROM inserted CROSS JOIN announce",
+        )
+        .bind(&ids)
+        .bind(&users)
+        .bind(&kinds)
+        .bind(&tracking)
+        .bind(&statuses)
+        .bind(&data)
+        .bind(&notifications)
+        .bind(now)
+        .bind(UPDATES_CHANNEL)
+        .fetch_all(&self.pool)
+        .await?;
+        let seqs: std::collections::HashMap<uuid::Uuid, i64> = numbered.into_iter().collect();
+        ids.iter()
+            .zip(events)
+            .map(|(id, (_, new))| {
+                let seq = seqs.get(id).copied().ok_or_else(|| {
+                    sqlx::Error::Protocol("bulk append returned fewer rows than it was given".into())
+                })?;
+                Ok(crate::updates::Update {
+                    seq,
+                    id: *id,
+                    kind: new.kind.clone(),
+                    tracking_id: new.tracking_id,
+                    status: new.status.clone(),
+                    data: new.data.clone(),
+                    notification: new.notification.clone(),
+                    created_at: now,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map(Some)
+    }
+
     /// Tells every node's dispatcher and live streams that updates were appended.
     async fn notify_updates(tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
         sqlx::query("SELECT pg_notify($1, '')")

@@ -103,6 +103,16 @@ impl SqliteStore {
         Ok(None)
     }
 
+    /// In-process, a few statements in a transaction cost no round trips: no single-statement
+    /// path needed.
+    async fn append_updates_at_once(
+        &self,
+        _events: &[(&str, &crate::updates::NewUpdate)],
+        _now: DateTime<Utc>,
+    ) -> Result<Option<Vec<crate::updates::Update>>, sqlx::Error> {
+        Ok(None)
+    }
+
     /// In-process wake-ups are enough for a single node.
     async fn notify_updates(_tx: &mut Transaction<'_, Sqlite>) -> Result<(), sqlx::Error> {
         Ok(())
