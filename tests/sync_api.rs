@@ -322,6 +322,11 @@ async fn ack_moves_each_device_cursor_forward(engine: Engine) {
         (json!({"deviceId": phone["id"], "seq": "9"}), vec!["seq"]),
         (json!({"deviceId": phone["id"], "seq": 1.5}), vec!["seq"]),
         (json!({"deviceId": 5, "seq": 9}), vec!["deviceId"]),
+        // Beyond alice's newest update: a cursor there would hide what is appended next.
+        (
+            json!({"deviceId": phone["id"], "seq": s[4] + 1}),
+            vec!["seq"],
+        ),
     ] {
         let response = app.post("/v1/updates/ack", "alice", body.clone()).await;
         let problem = expect_problem(response, 422).await;

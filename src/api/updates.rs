@@ -15,6 +15,7 @@ use super::input::{Fields, JsonObject};
 use super::jobs::parse_limit;
 use crate::auth::AuthUser;
 use crate::error::{ApiError, FieldError, Problem};
+use crate::store::Acked;
 use crate::updates::Update;
 
 /// Routes of this resource.
@@ -125,7 +126,7 @@ async fn list_updates(
     responses(
         (status = 204, description = "Recorded (a seq lower than the recorded one changes nothing)"),
         (status = 404, description = "Not one of the caller's devices", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid field", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid field, or a seq beyond the caller's newest update (a cursor there would hide updates appended later)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 async fn ack_updates(
@@ -152,10 +153,15 @@ async fn ack_updates(
     // An id that is not a UUID cannot be anyone's device: 404, exactly like someone else's.
     let not_found = || ApiError::NotFound("no such device".into());
     let device_id = Uuid::parse_str(device_id).map_err(|_| not_found())?;
-    if state.store.ack_updates(&user.sub, device_id, seq).await? {
-        tracing::debug!(device_id = %device_id, seq, "updates acknowledged");
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(not_found())
+    match state.store.ack_updates(&user.sub, device_id, seq).await? {
+        Acked::Recorded => {
+            tracing::debug!(device_id = %device_id, seq, "updates acknowledged");
+            Ok(StatusCode::NO_CONTENT)
+        }
+        Acked::NoSuchDevice => Err(not_found()),
+        Acked::Beyond(last) => Err(ApiError::field(
+            "seq",
+            format!("is beyond your newest update ({last})"),
+        )),
     }
 }

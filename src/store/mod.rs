@@ -28,7 +28,7 @@ mod shared;
 mod sqlite;
 
 pub use group_commit::{EventIntake, GroupCommit, JobIntake, event_intake, job_intake};
-pub use outbox::{DeliveryOutcome, DeliveryResult, DueDelivery, Outbox};
+pub use outbox::{Acked, DeliveryOutcome, DeliveryResult, DueDelivery, Outbox};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 

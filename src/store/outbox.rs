@@ -84,6 +84,17 @@ pub struct DeliveryResult {
     pub outcome: DeliveryOutcome,
 }
 
+/// What an acknowledgment did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acked {
+    /// Recorded (or ignored as lower than the device's cursor).
+    Recorded,
+    /// The device is not this user's.
+    NoSuchDevice,
+    /// `seq` is beyond the user's newest update, which is this one (0: none yet).
+    Beyond(i64),
+}
+
 /// Delivery and sync storage.
 #[async_trait]
 pub trait Outbox: Send + Sync + 'static {
@@ -117,13 +128,13 @@ pub trait Outbox: Send + Sync + 'static {
             .ok_or_else(|| StoreError::Corrupt("no update appended".into()))
     }
 
-    /// Record that `device_id` (the user's) has seen up to `seq`; false when it is not theirs.
+    /// Record that `device_id` (the user's) has seen up to `seq`.
     async fn ack_updates(
         &self,
         user_id: &str,
         device_id: Uuid,
         seq: i64,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<Acked, StoreError>;
 
     /// Updates each of the user's devices has not acknowledged.
     async fn unseen_counts(&self, user_id: &str) -> Result<HashMap<Uuid, i64>, StoreError>;
@@ -412,9 +423,17 @@ macro_rules! impl_outbox {
                 Ok(appended)
             }
 
-            async fn ack_updates(&self, user_id: &str, device_id: uuid::Uuid, seq: i64) -> Result<bool, super::StoreError> {
+            async fn ack_updates(
+                &self,
+                user_id: &str,
+                device_id: uuid::Uuid,
+                seq: i64,
+            ) -> Result<super::outbox::Acked, super::StoreError> {
+                use super::outbox::Acked;
+                // A cursor past the newest update would hide updates appended later.
                 let done = sqlx::query(concat!(
                     "INSERT INTO device_cursors (device_id, seq) SELECT id, $3 FROM devices WHERE id = $1 AND user_id = $2 \
+                     AND $3 <= COALESCE((SELECT last_seq FROM user_seqs WHERE user_id = $2), 0) \
                      ON CONFLICT (device_id) DO UPDATE SET seq = ",
                     $greatest,
                     "(device_cursors.seq, excluded.seq)"
@@ -424,7 +443,18 @@ macro_rules! impl_outbox {
                 .bind(seq)
                 .execute(self.writer())
                 .await?;
-                Ok(done.rows_affected() > 0)
+                if done.rows_affected() > 0 {
+                    return Ok(Acked::Recorded);
+                }
+                let (owned, last): (bool, i64) = sqlx::query_as(
+                    "SELECT EXISTS (SELECT 1 FROM devices WHERE id = $1 AND user_id = $2), \
+                     COALESCE((SELECT last_seq FROM user_seqs WHERE user_id = $2), 0)",
+                )
+                .bind(device_id)
+                .bind(user_id)
+                .fetch_one(self.reader())
+                .await?;
+                Ok(if owned { Acked::Beyond(last) } else { Acked::NoSuchDevice })
             }
 
             async fn unseen_counts(

@@ -159,8 +159,10 @@ impl PgStore {
         let kinds: Vec<&str> = events.iter().map(|(_, u)| u.kind.as_str()).collect();
         let tracking: Vec<Option<uuid::Uuid>> = events.iter().map(|(_, u)| u.tracking_id).collect();
         let statuses: Vec<Option<&str>> = events.iter().map(|(_, u)| u.status.as_deref()).collect();
-        let data: Vec<Option<Json<&serde_json::Value>>> =
-            events.iter().map(|(_, u)| u.data.as_ref().map(Json)).collect();
+        let data: Vec<Option<Json<&serde_json::Value>>> = events
+            .iter()
+            .map(|(_, u)| u.data.as_ref().map(Json))
+            .collect();
         let notifications: Vec<Option<Json<&crate::jobs::Notification>>> = events
             .iter()
             .map(|(_, u)| u.notification.as_ref().map(Json))
@@ -198,7 +200,9 @@ impl PgStore {
             .zip(events)
             .map(|(id, (_, new))| {
                 let seq = seqs.get(id).copied().ok_or_else(|| {
-                    sqlx::Error::Protocol("bulk append returned fewer rows than it was given".into())
+                    sqlx::Error::Protocol(
+                        "bulk append returned fewer rows than it was given".into(),
+                    )
                 })?;
                 Ok(crate::updates::Update {
                     seq,
