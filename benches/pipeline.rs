@@ -672,7 +672,8 @@ async fn bench_engine(engine: &str, url: &str, p: Params) {
     let backlog = Commits::new(0, p.updates());
     let stop = CancellationToken::new();
     let max_connections = node_config(url, &fakes).database.max_connections;
-    let (events, events_task) = event_intake(store.clone(), max_connections, stop.clone());
+    // No node runs: nothing to hand deliveries to, so they wait in the outbox.
+    let (events, events_task) = event_intake(store.clone(), max_connections, None, stop.clone());
     let cpu = cpu_time();
     let start = Instant::now();
     flood(&events, p, &backlog).await;

@@ -143,8 +143,15 @@ pub async fn start(
     let max_connections = config.database.max_connections;
     let (intake, intake_task) =
         store::job_intake(store.clone(), max_connections, intake_stop.clone());
-    let (events, events_task) =
-        store::event_intake(store.clone(), max_connections, intake_stop.clone());
+    let dispatcher = Dispatcher::new(store.clone(), providers.clone(), config.dispatch.clone());
+    // Published events hand their deliveries straight to this node's dispatcher.
+    let handoffs: Arc<dyn store::HandoffSink> = dispatcher.handoffs();
+    let (events, events_task) = store::event_intake(
+        store.clone(),
+        max_connections,
+        Some(handoffs),
+        intake_stop.clone(),
+    );
     let backoff = Backoff::new(config.queue.backoff_base_ms, config.queue.backoff_max_ms);
     let state = AppState {
         store: store.clone(),
@@ -179,10 +186,7 @@ pub async fn start(
             shutdown.clone(),
         ));
     }
-    tasks.spawn(
-        Dispatcher::new(store.clone(), providers.clone(), config.dispatch.clone())
-            .run(shutdown.clone()),
-    );
+    tasks.spawn(dispatcher.run(shutdown.clone()));
     let owner = format!("node:{}", uuid::Uuid::now_v7());
     let workers = Workers::new(store.clone(), registry, config.queue.clone(), wakeup, owner);
     tasks.spawn(workers.run(shutdown.clone()));

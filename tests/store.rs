@@ -332,7 +332,71 @@ async fn batched_appends_number_each_users_log_in_order(engine: Engine) {
     assert!(store.publish_events(&[]).await.unwrap().is_empty());
 }
 
+/// Deliveries appended with a handoff are written as claimed by the appending node and come
+/// back to it; nobody else can claim them until the lease runs out, then they are due again
+/// (a node that died holding them loses nothing).
+async fn handed_off_deliveries_are_claimed_until_their_lease_ends(engine: Engine) {
+    use herald::store::Handoff;
+    let (_db, store) = open(engine).await;
+    let phone = store
+        .upsert_device("alice", &apns(50))
+        .await
+        .unwrap()
+        .device
+        .id;
+    let tablet = store
+        .upsert_device("alice", &apns(51))
+        .await
+        .unwrap()
+        .device
+        .id;
+    let event = herald::updates::NewUpdate {
+        kind: "order.shipped".into(),
+        tracking_id: None,
+        status: None,
+        data: None,
+        notification: None,
+    };
+    let handoff = Handoff {
+        owner: "node-a".into(),
+        until: Utc::now() - chrono::Duration::seconds(1),
+    };
+    let appended = store
+        .append_events(&[("alice".to_string(), event)], Some(&handoff))
+        .await
+        .unwrap();
+    assert_eq!(appended.updates.len(), 1);
+    let mut devices: Vec<_> = appended.claimed.iter().map(|d| d.device_id).collect();
+    devices.sort();
+    let mut want = vec![phone, tablet];
+    want.sort();
+    assert_eq!(devices, want);
+    assert!(
+        appended.claimed.iter().all(|d| d.attempt == 1
+            && d.update.id == appended.updates[0].id
+            && d.token.len() == 64)
+    );
+    assert!(
+        store
+            .claim_deliveries(10, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_empty(),
+        "handed off: not claimable"
+    );
+    assert_eq!(store.pending_deliveries().await.unwrap(), 2);
+    // The lease (already over here) runs out: due again, second attempt.
+    assert_eq!(store.expire_delivery_leases().await.unwrap(), 2);
+    let again = store
+        .claim_deliveries(10, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 2);
+    assert!(again.iter().all(|d| d.attempt == 2));
+}
+
 both_engines!(
+    handed_off_deliveries_are_claimed_until_their_lease_ends,
     batched_appends_number_each_users_log_in_order,
     group_commit_keeps_order_and_idempotency,
     migrations_are_idempotent_and_ping_works,

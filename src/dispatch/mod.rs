@@ -14,7 +14,7 @@ use crate::config::DispatchConfig;
 use crate::devices::{ApnsEnvironment, Platform};
 use crate::providers::{Providers, PushOutcome, apns};
 use crate::queue::Backoff;
-use crate::store::{DeliveryOutcome, DeliveryResult, DueDelivery, Store};
+use crate::store::{DeliveryOutcome, DeliveryResult, DueDelivery, Handoff, HandoffSink, Store};
 
 pub mod payload;
 
@@ -64,18 +64,66 @@ impl Context {
     }
 }
 
+/// Deliveries this node's appends wrote as claimed by it, waiting to be sent: they skip the
+/// claim from the outbox (a transaction, and most of the dispatcher's database work).
+pub struct Handoffs {
+    owner: String,
+    lease: Duration,
+    /// Most deliveries waiting here; beyond that appends leave them pending in the outbox.
+    room: usize,
+    queue: Mutex<Vec<DueDelivery>>,
+    ready: tokio::sync::Notify,
+}
+
+impl Handoffs {
+    fn take(&self) -> Vec<DueDelivery> {
+        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl HandoffSink for Handoffs {
+    fn lease(&self) -> Option<Handoff> {
+        let queued = self.queue.lock().unwrap_or_else(|p| p.into_inner()).len();
+        let lease = chrono::Duration::from_std(self.lease).unwrap_or(chrono::Duration::seconds(60));
+        (queued < self.room).then(|| Handoff {
+            owner: self.owner.clone(),
+            until: Utc::now() + lease,
+        })
+    }
+
+    fn hand_over(&self, claimed: Vec<DueDelivery>) {
+        if claimed.is_empty() {
+            return;
+        }
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(claimed);
+        self.ready.notify_one();
+    }
+}
+
 /// Sends every update to every active device of its user.
 pub struct Dispatcher {
     store: Arc<dyn Store>,
     context: Arc<Context>,
+    handoffs: Arc<Handoffs>,
 }
 
 impl Dispatcher {
     /// A dispatcher sending through `providers`.
     pub fn new(store: Arc<dyn Store>, providers: Providers, config: DispatchConfig) -> Self {
         let backoff = Backoff::new(config.backoff_base_ms, config.backoff_max_ms);
+        let handoffs = Arc::new(Handoffs {
+            owner: format!("handoff:{}", uuid::Uuid::now_v7()),
+            lease: Duration::from_secs(config.lease_secs),
+            room: config.batch_size,
+            queue: Mutex::new(Vec::new()),
+            ready: tokio::sync::Notify::new(),
+        });
         Self {
             store,
+            handoffs,
             context: Arc::new(Context {
                 providers,
                 config,
@@ -84,6 +132,40 @@ impl Dispatcher {
                 holds: Mutex::new(HashMap::new()),
             }),
         }
+    }
+
+    /// Where this node's appends hand their deliveries over.
+    pub fn handoffs(&self) -> Arc<Handoffs> {
+        self.handoffs.clone()
+    }
+
+    /// Start sending `delivery` once a slot in `inflight` is free.
+    async fn spawn_send(
+        &self,
+        delivery: DueDelivery,
+        inflight: &Arc<Semaphore>,
+        results: &mpsc::Sender<DeliveryResult>,
+    ) {
+        let Ok(permit) = inflight.clone().acquire_owned().await else {
+            return;
+        };
+        let context = self.context.clone();
+        let results = results.clone();
+        let span = tracing::info_span!(
+            "delivery",
+            tracking_id = ?delivery.update.tracking_id,
+            device_id = %delivery.device_id,
+            seq = delivery.update.seq,
+            attempt = delivery.attempt,
+        );
+        tokio::spawn(
+            async move {
+                let result = send_one(&context, delivery).await;
+                let _ = results.send(result).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
     }
 
     /// Claim, send and record until `shutdown`; in-flight sends are finished and recorded.
@@ -100,6 +182,10 @@ impl Dispatcher {
         let lease = Duration::from_secs(config.lease_secs);
         let mut last_sweep = Instant::now() - SWEEP_EVERY;
         let mut db_backoff = Duration::from_millis(100);
+        // Whether the outbox may hold due deliveries: after an append signal, the poll timer or
+        // a full claim. A wake-up by handed-over deliveries alone does not query the outbox.
+        let mut look = true;
+        let mut claimed_at = tokio::time::Instant::now();
         while !shutdown.is_cancelled() {
             if last_sweep.elapsed() >= SWEEP_EVERY {
                 last_sweep = Instant::now();
@@ -111,6 +197,10 @@ impl Dispatcher {
                     Err(err) => tracing::warn!(error = %err, "delivery lease sweep failed"),
                 }
             }
+            // Handed over by appends: already claimed, sent first.
+            for delivery in self.handoffs.take() {
+                self.spawn_send(delivery, &inflight, &results).await;
+            }
             let free = inflight.available_permits();
             if free < low_water {
                 // More than half the slots are busy, enough to keep the providers busy: claim
@@ -118,60 +208,47 @@ impl Dispatcher {
                 // finished push.
                 tokio::select! {
                     permit = inflight.acquire_many(low_water_permits) => drop(permit),
+                    _ = self.handoffs.ready.notified() => {}
                     _ = shutdown.cancelled() => break,
                 }
                 continue;
             }
-            // Register for the wake-up before looking, so an append in between is not missed.
-            let notified = appended.notified();
-            let claimed_at = tokio::time::Instant::now();
-            let claimed = match self.store.claim_deliveries(free as i64, lease).await {
-                Ok(claimed) => {
-                    db_backoff = Duration::from_millis(100);
-                    claimed
-                }
-                Err(err) => {
-                    tracing::warn!(error = %err, "claiming deliveries failed; backing off");
-                    tokio::select! {
-                        _ = tokio::time::sleep(db_backoff) => {}
-                        _ = shutdown.cancelled() => break,
+            if look {
+                claimed_at = tokio::time::Instant::now();
+                let claimed = match self.store.claim_deliveries(free as i64, lease).await {
+                    Ok(claimed) => {
+                        db_backoff = Duration::from_millis(100);
+                        claimed
                     }
-                    db_backoff = (db_backoff * 2).min(Duration::from_secs(5));
+                    Err(err) => {
+                        tracing::warn!(error = %err, "claiming deliveries failed; backing off");
+                        tokio::select! {
+                            _ = tokio::time::sleep(db_backoff) => {}
+                            _ = shutdown.cancelled() => break,
+                        }
+                        db_backoff = (db_backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                };
+                // As many as asked for: more may be due, look again at once.
+                look = claimed.len() >= free;
+                for delivery in claimed {
+                    self.spawn_send(delivery, &inflight, &results).await;
+                }
+                if look {
                     continue;
                 }
-            };
-            // Fewer than asked for: nothing else was due when we looked.
-            let caught_up = claimed.len() < free;
-            for delivery in claimed {
-                let Ok(permit) = inflight.clone().acquire_owned().await else {
-                    break;
-                };
-                let context = self.context.clone();
-                let results = results.clone();
-                let span = tracing::info_span!(
-                    "delivery",
-                    tracking_id = ?delivery.update.tracking_id,
-                    device_id = %delivery.device_id,
-                    seq = delivery.update.seq,
-                    attempt = delivery.attempt,
-                );
-                tokio::spawn(
-                    async move {
-                        let result = send_one(&context, delivery).await;
-                        let _ = results.send(result).await;
-                        drop(permit);
-                    }
-                    .instrument(span),
-                );
             }
-            if caught_up {
-                // Wait for the next append (registered before looking, so none is missed)
-                // rather than running another claim that would find little or nothing.
-                tokio::select! {
-                    _ = notified => {}
-                    _ = tokio::time::sleep(poll) => {}
-                    _ = shutdown.cancelled() => break,
-                }
+            // Wait for the next append (an append signal is remembered, so none is missed
+            // between the claim and here) or handed-over deliveries, rather than running
+            // another claim that would find little or nothing.
+            tokio::select! {
+                _ = appended.notified() => look = true,
+                _ = self.handoffs.ready.notified() => {}
+                _ = tokio::time::sleep(poll) => look = true,
+                _ = shutdown.cancelled() => break,
+            }
+            if look {
                 // Under a stream of appends, at most one claim per CLAIM_GAP: the updates of
                 // that moment are claimed together instead of one transaction each. After a
                 // quiet spell the claim runs at once.

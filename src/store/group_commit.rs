@@ -157,16 +157,25 @@ pub fn job_intake(
     GroupCommit::spawn("jobs", commit, committers, max_batch, shutdown)
 }
 
-/// Start the group commit of published events.
+/// Start the group commit of published events; with `handoff` their deliveries go straight
+/// to this node's dispatcher while it has room.
 pub fn event_intake(
     store: Arc<dyn super::Store>,
     max_connections: u32,
+    handoff: Option<Arc<dyn super::HandoffSink>>,
     shutdown: CancellationToken,
 ) -> (EventIntake, tokio::task::JoinHandle<()>) {
     let (committers, max_batch) = sizing(&*store, max_connections);
     let commit = move |events: Vec<(String, crate::updates::NewUpdate)>| {
-        let store = store.clone();
-        async move { store.publish_events(&events).await }
+        let (store, handoff) = (store.clone(), handoff.clone());
+        async move {
+            let lease = handoff.as_ref().and_then(|h| h.lease());
+            let appended = store.append_events(&events, lease.as_ref()).await?;
+            if let Some(handoff) = handoff {
+                handoff.hand_over(appended.claimed);
+            }
+            Ok(appended.updates)
+        }
     };
     GroupCommit::spawn("events", commit, committers, max_batch, shutdown)
 }

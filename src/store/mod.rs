@@ -28,7 +28,9 @@ mod shared;
 mod sqlite;
 
 pub use group_commit::{EventIntake, GroupCommit, JobIntake, event_intake, job_intake};
-pub use outbox::{Acked, DeliveryOutcome, DeliveryResult, DueDelivery, Outbox};
+pub use outbox::{
+    Acked, Appended, DeliveryOutcome, DeliveryResult, DueDelivery, Handoff, HandoffSink, Outbox,
+};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 

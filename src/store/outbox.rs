@@ -84,6 +84,59 @@ pub struct DeliveryResult {
     pub outcome: DeliveryOutcome,
 }
 
+/// A lease taken while appending: the appending node's dispatcher sends the new deliveries
+/// straight away instead of claiming them from the outbox (they are written as claimed by it).
+#[derive(Debug, Clone)]
+pub struct Handoff {
+    /// Lease owner written on the deliveries.
+    pub owner: String,
+    /// Until when; after that they are due again like any expired claim.
+    pub until: DateTime<Utc>,
+}
+
+/// Where deliveries claimed at append time go: this node's dispatcher.
+pub trait HandoffSink: Send + Sync + 'static {
+    /// A lease for an append about to commit, or none when the dispatcher has no room (the
+    /// deliveries then wait in the outbox as pending and are claimed as usual).
+    fn lease(&self) -> Option<Handoff>;
+
+    /// Take what an append claimed, once it committed.
+    fn hand_over(&self, claimed: Vec<DueDelivery>);
+}
+
+/// What an append wrote.
+#[derive(Debug, Default)]
+pub struct Appended {
+    /// The updates, in the order given.
+    pub updates: Vec<Update>,
+    /// Their deliveries, when they were appended with a [`Handoff`].
+    pub claimed: Vec<DueDelivery>,
+}
+
+/// A device as a claimed delivery needs it: id, platform, token, environment, app.
+pub(super) type DeviceRow = (Uuid, String, String, Option<String>, String);
+
+/// The claimed delivery of `update` to `device`, first attempt.
+pub(super) fn handed_off(
+    update: &Update,
+    user_id: &str,
+    device: &DeviceRow,
+) -> Result<DueDelivery, StoreError> {
+    let (id, platform, token, environment, app_id) = device;
+    let platform = Platform::parse(platform)
+        .ok_or_else(|| StoreError::Corrupt(format!("device platform {platform:?}")))?;
+    Ok(DueDelivery {
+        update: update.clone(),
+        user_id: user_id.to_string(),
+        device_id: *id,
+        platform,
+        token: token.clone(),
+        environment: environment.as_deref().and_then(ApnsEnvironment::parse),
+        app_id: app_id.clone(),
+        attempt: 1,
+    })
+}
+
 /// What an acknowledgment did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Acked {
@@ -112,11 +165,22 @@ pub trait Outbox: Send + Sync + 'static {
     async fn expire_delivery_leases(&self) -> Result<u64, StoreError>;
 
     /// Append published events (user, update) to their users' logs, with their deliveries, in
+    /// one transaction; with `handoff` the deliveries are written as claimed under it and come
+    /// back for this node's dispatcher.
+    async fn append_events(
+        &self,
+        events: &[(String, NewUpdate)],
+        handoff: Option<&Handoff>,
+    ) -> Result<Appended, StoreError>;
+
+    /// Append published events (user, update) to their users' logs, with their deliveries, in
     /// one transaction; the appended updates come back in order.
     async fn publish_events(
         &self,
         events: &[(String, NewUpdate)],
-    ) -> Result<Vec<Update>, StoreError>;
+    ) -> Result<Vec<Update>, StoreError> {
+        Ok(self.append_events(events, None).await?.updates)
+    }
 
     /// Append one published event to `user_id`'s log (with its deliveries).
     async fn publish_event(&self, user_id: &str, update: &NewUpdate) -> Result<Update, StoreError> {
@@ -402,24 +466,30 @@ macro_rules! impl_outbox {
                 Ok(done.rows_affected())
             }
 
-            async fn publish_events(
+            async fn append_events(
                 &self,
                 events: &[(String, $crate::updates::NewUpdate)],
-            ) -> Result<Vec<$crate::updates::Update>, super::StoreError> {
+                handoff: Option<&super::outbox::Handoff>,
+            ) -> Result<super::outbox::Appended, super::StoreError> {
                 if events.is_empty() {
-                    return Ok(Vec::new());
+                    return Ok(super::outbox::Appended::default());
                 }
                 let now = chrono::Utc::now();
                 let events: Vec<(&str, &$crate::updates::NewUpdate)> =
                     events.iter().map(|(user, update)| (user.as_str(), update)).collect();
-                if let Some(appended) = self.append_updates_at_once(&events, now).await? {
+                let appended = match self.append_updates_at_once(&events, now, handoff).await? {
+                    Some(appended) => appended,
+                    None => {
+                        let mut tx = self.writer().begin().await?;
+                        let appended = Self::append_updates_leased(&mut tx, &events, now, handoff).await?;
+                        tx.commit().await?;
+                        appended
+                    }
+                };
+                // Handed-off deliveries reach the dispatcher through the handoff, not a claim.
+                if handoff.is_none() {
                     self.signal_appended();
-                    return Ok(appended);
                 }
-                let mut tx = self.writer().begin().await?;
-                let appended = Self::append_updates(&mut tx, &events, now).await?;
-                tx.commit().await?;
-                self.signal_appended();
                 Ok(appended)
             }
 

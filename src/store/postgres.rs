@@ -146,14 +146,25 @@ impl PgStore {
     }
 
     /// A batch of published events appended in one autocommitted statement (the same steps as
-    /// `append_updates`: counters bumped once per user in user order, updates numbered in
-    /// batch order, one delivery per active device, NOTIFY): one round trip instead of six.
+    /// `append_updates_leased`: counters bumped once per user in user order, updates numbered in
+    /// batch order, one delivery per active device, claimed under `handoff` when given, NOTIFY):
+    /// one round trip instead of six.
     async fn append_updates_at_once(
         &self,
         events: &[(&str, &crate::updates::NewUpdate)],
         now: DateTime<Utc>,
-    ) -> Result<Option<Vec<crate::updates::Update>>, sqlx::Error> {
+        handoff: Option<&super::Handoff>,
+    ) -> Result<Option<super::Appended>, StoreError> {
         use sqlx::types::Json;
+        type Row = (
+            uuid::Uuid,
+            i64,
+            Option<uuid::Uuid>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        );
         let ids: Vec<uuid::Uuid> = events.iter().map(|_| uuid::Uuid::now_v7()).collect();
         let users: Vec<&str> = events.iter().map(|(user, _)| *user).collect();
         let kinds: Vec<&str> = events.iter().map(|(_, u)| u.kind.as_str()).collect();
@@ -167,7 +178,14 @@ impl PgStore {
             .iter()
             .map(|(_, u)| u.notification.as_ref().map(Json))
             .collect();
-        let numbered: Vec<(uuid::Uuid, i64)> = sqlx::query_as(
+        let (status, attempts) = if handoff.is_some() {
+            ("sending", 1)
+        } else {
+            ("pending", 0)
+        };
+        // One row per delivery written (or per update without any), with what a claimed
+        // delivery needs to be sent.
+        let rows: Vec<Row> = sqlx::query_as(
             "WITH ev AS (SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[], \
              $6::jsonb[], $7::jsonb[]) WITH ORDINALITY AS t(id, user_id, type, tracking_id, status, data, notification, ord)), \
              counts AS (SELECT user_id, count(*) AS n FROM ev GROUP BY user_id), \
@@ -178,11 +196,13 @@ impl PgStore {
              FROM ev JOIN bumped b USING (user_id) JOIN counts c USING (user_id)), \
              inserted AS (INSERT INTO updates (id, user_id, seq, type, tracking_id, status, data, notification, created_at) \
              SELECT id, user_id, seq, type, tracking_id, status, data, notification, $8 FROM numbered RETURNING id, user_id, seq), \
-             outbox AS (INSERT INTO deliveries (update_id, device_id, user_id, status, attempts, next_attempt_at, \
-             created_at, updated_at) SELECT i.id, v.id, v.user_id, 'pending', 0, $8, $8, $8 FROM inserted i \
-             JOIN devices v ON v.user_id = i.user_id AND v.status = 'active'), \
-             announce AS (SELECT pg_notify($9, '') AS notified) \
-             SELECT inserted.id, inserted.seq FROM inserted CROSS JOIN announce",
+             outbox AS (INSERT INTO deliveries (update_id, device_id, user_id, status, attempts, lease_owner, lease_expires_at, \
+             next_attempt_at, created_at, updated_at) SELECT i.id, v.id, v.user_id, $10, $11, $12::text, $13::timestamptz, $8, $8, $8 \
+             FROM inserted i JOIN devices v ON v.user_id = i.user_id AND v.status = 'active' RETURNING update_id, device_id), \
+             announce AS (SELECT CASE WHEN $14 THEN pg_notify($9, '') END AS notified) \
+             SELECT i.id, i.seq, o.device_id, v.platform, v.token, v.environment, v.app_id \
+             FROM inserted i LEFT JOIN outbox o ON o.update_id = i.id LEFT JOIN devices v ON v.id = o.device_id \
+             CROSS JOIN announce",
         )
         .bind(&ids)
         .bind(&users)
@@ -193,16 +213,30 @@ impl PgStore {
         .bind(&notifications)
         .bind(now)
         .bind(UPDATES_CHANNEL)
+        .bind(status)
+        .bind(attempts)
+        .bind(handoff.map(|h| h.owner.as_str()))
+        .bind(handoff.map(|h| h.until))
+        // Handed-off deliveries are this node's already: no other dispatcher need look.
+        .bind(handoff.is_none())
         .fetch_all(&self.pool)
         .await?;
-        let seqs: std::collections::HashMap<uuid::Uuid, i64> = numbered.into_iter().collect();
-        ids.iter()
+        let mut seqs: std::collections::HashMap<uuid::Uuid, i64> = std::collections::HashMap::new();
+        let mut devices: Vec<(uuid::Uuid, super::outbox::DeviceRow)> = Vec::new();
+        for (update_id, seq, device, platform, token, environment, app_id) in rows {
+            seqs.insert(update_id, seq);
+            if let (Some(device), Some(platform), Some(token), Some(app_id)) =
+                (device, platform, token, app_id)
+            {
+                devices.push((update_id, (device, platform, token, environment, app_id)));
+            }
+        }
+        let updates = ids
+            .iter()
             .zip(events)
             .map(|(id, (_, new))| {
                 let seq = seqs.get(id).copied().ok_or_else(|| {
-                    sqlx::Error::Protocol(
-                        "bulk append returned fewer rows than it was given".into(),
-                    )
+                    StoreError::Corrupt("bulk append returned fewer rows than it was given".into())
                 })?;
                 Ok(crate::updates::Update {
                     seq,
@@ -215,8 +249,25 @@ impl PgStore {
                     created_at: now,
                 })
             })
-            .collect::<Result<Vec<_>, sqlx::Error>>()
-            .map(Some)
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let mut claimed = Vec::new();
+        if handoff.is_some() {
+            let by_id: std::collections::HashMap<uuid::Uuid, (&str, &crate::updates::Update)> =
+                events
+                    .iter()
+                    .zip(&updates)
+                    .map(|((user, _), u)| (u.id, (*user, u)))
+                    .collect();
+            for (update_id, device) in &devices {
+                let Some((user, update)) = by_id.get(update_id) else {
+                    return Err(StoreError::Corrupt(
+                        "a handed-off delivery lost its update".into(),
+                    ));
+                };
+                claimed.push(super::outbox::handed_off(update, user, device)?);
+            }
+        }
+        Ok(Some(super::Appended { updates, claimed }))
     }
 
     /// Tells every node's dispatcher and live streams that updates were appended.

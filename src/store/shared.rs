@@ -20,13 +20,30 @@ macro_rules! impl_store {
             }
 
             /// Append updates to their users' logs inside `tx`, in order, each with one
-            /// delivery per active device of its user (the outbox). A few statements per chunk
-            /// of rows however many updates there are.
+            /// delivery per active device of its user (the outbox).
             async fn append_updates(
                 tx: &mut sqlx::Transaction<'_, $db>,
                 events: &[(&str, &$crate::updates::NewUpdate)],
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<Vec<$crate::updates::Update>, sqlx::Error> {
+                let appended = Self::append_updates_leased(tx, events, now, None)
+                    .await
+                    .map_err(|e| match e {
+                        super::StoreError::Database(e) | super::StoreError::Unavailable(e) => e,
+                        other => sqlx::Error::Protocol(other.to_string()),
+                    })?;
+                Ok(appended.updates)
+            }
+
+            /// [`Self::append_updates`], with the deliveries written as claimed under
+            /// `handoff` (and returned) when given. A few statements per chunk of rows however
+            /// many updates there are.
+            async fn append_updates_leased(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                events: &[(&str, &$crate::updates::NewUpdate)],
+                now: chrono::DateTime<chrono::Utc>,
+                handoff: Option<&super::outbox::Handoff>,
+            ) -> Result<super::outbox::Appended, super::StoreError> {
                 use std::collections::{BTreeMap, HashMap};
                 // Each user's counter moves once per batch, and the counters are taken in one
                 // order (sorted by user) by every writer, so concurrent batches cannot deadlock.
@@ -74,6 +91,8 @@ macro_rules! impl_store {
                 }
                 let rows: Vec<(&str, &$crate::updates::Update)> =
                     events.iter().map(|(user, _)| *user).zip(&appended).collect();
+                let (status, attempts) = if handoff.is_some() { ("sending", 1) } else { ("pending", 0) };
+                let mut outboxed: Vec<(uuid::Uuid, uuid::Uuid)> = Vec::new();
                 let mut rest = &rows[..];
                 while !rest.is_empty() {
                     let (chunk, tail) = rest.split_at(super::outbox::chunk_len(rest.len()));
@@ -95,20 +114,66 @@ macro_rules! impl_store {
                     insert.build().execute(&mut **tx).await?;
                     // The outbox: one delivery per active device, committed with the update itself.
                     let mut outbox = sqlx::QueryBuilder::<$db>::new(
-                        "INSERT INTO deliveries (update_id, device_id, user_id, status, attempts, next_attempt_at, \
-                         created_at, updated_at) SELECT u.id, v.id, v.user_id, 'pending', 0, u.created_at, \
-                         u.created_at, u.created_at FROM updates u JOIN devices v ON v.user_id = u.user_id \
-                         AND v.status = 'active' WHERE u.id IN (",
+                        "INSERT INTO deliveries (update_id, device_id, user_id, status, attempts, lease_owner, \
+                         lease_expires_at, next_attempt_at, created_at, updated_at) SELECT u.id, v.id, v.user_id, ",
+                    );
+                    outbox.push_bind(status);
+                    outbox.push(", ");
+                    outbox.push_bind(attempts);
+                    outbox.push(", ");
+                    outbox.push_bind(handoff.map(|h| h.owner.as_str()));
+                    outbox.push(", ");
+                    outbox.push_bind(handoff.map(|h| h.until));
+                    outbox.push(
+                        ", u.created_at, u.created_at, u.created_at FROM updates u JOIN devices v \
+                         ON v.user_id = u.user_id AND v.status = 'active' WHERE u.id IN (",
                     );
                     let mut ids = outbox.separated(", ");
                     for (_, u) in chunk {
                         ids.push_bind(u.id);
                     }
-                    outbox.push(")");
-                    outbox.build().execute(&mut **tx).await?;
+                    outbox.push(") RETURNING update_id, device_id");
+                    let written: Vec<(uuid::Uuid, uuid::Uuid)> =
+                        outbox.build_query_as().fetch_all(&mut **tx).await?;
+                    if handoff.is_some() {
+                        outboxed.extend(written);
+                    }
                 }
-                Self::notify_updates(tx).await?;
-                Ok(appended)
+                // Handed-off deliveries are this node's already: no other dispatcher need look.
+                if handoff.is_none() {
+                    Self::notify_updates(tx).await?;
+                }
+                let mut claimed = Vec::with_capacity(outboxed.len());
+                if !outboxed.is_empty() {
+                    let mut device_ids: Vec<uuid::Uuid> = outboxed.iter().map(|(_, d)| *d).collect();
+                    device_ids.sort_unstable();
+                    device_ids.dedup();
+                    let mut devices: HashMap<uuid::Uuid, super::outbox::DeviceRow> = HashMap::new();
+                    let mut rest = &device_ids[..];
+                    while !rest.is_empty() {
+                        let (chunk, tail) = rest.split_at(super::outbox::chunk_len(rest.len()));
+                        rest = tail;
+                        let mut query = sqlx::QueryBuilder::<$db>::new(
+                            "SELECT id, platform, token, environment, app_id FROM devices WHERE id IN (",
+                        );
+                        let mut ids = query.separated(", ");
+                        for id in chunk {
+                            ids.push_bind(*id);
+                        }
+                        query.push(")");
+                        let rows: Vec<super::outbox::DeviceRow> = query.build_query_as().fetch_all(&mut **tx).await?;
+                        devices.extend(rows.into_iter().map(|row| (row.0, row)));
+                    }
+                    let by_id: HashMap<uuid::Uuid, (&str, &$crate::updates::Update)> =
+                        rows.iter().map(|(user, u)| (u.id, (*user, *u))).collect();
+                    for (update_id, device_id) in &outboxed {
+                        let (Some((user, update)), Some(device)) = (by_id.get(update_id), devices.get(device_id)) else {
+                            return Err(super::StoreError::Corrupt("a handed-off delivery lost its update or device".into()));
+                        };
+                        claimed.push(super::outbox::handed_off(update, user, device)?);
+                    }
+                }
+                Ok(super::outbox::Appended { updates: appended, claimed })
             }
 
             async fn try_upsert(

@@ -109,7 +109,8 @@ impl SqliteStore {
         &self,
         _events: &[(&str, &crate::updates::NewUpdate)],
         _now: DateTime<Utc>,
-    ) -> Result<Option<Vec<crate::updates::Update>>, sqlx::Error> {
+        _handoff: Option<&super::Handoff>,
+    ) -> Result<Option<super::Appended>, StoreError> {
         Ok(None)
     }
 
