@@ -225,27 +225,22 @@ impl Raw {
     }
 
     async fn run(&self, n: usize, concurrency: usize) -> Figures {
+        // The pools are different types: one body, expanded for each.
+        macro_rules! inserts {
+            ($pool:expr) => {{
+                let pool = $pool.clone();
+                drive(n, concurrency, move |i| {
+                    let pool = pool.clone();
+                    async move {
+                        raw_insert!(&pool, i);
+                    }
+                })
+                .await
+            }};
+        }
         let (latencies, elapsed) = match self {
-            Self::Sqlite(pool) => {
-                let pool = pool.clone();
-                drive(n, concurrency, move |i| {
-                    let pool = pool.clone();
-                    async move {
-                        raw_insert!(&pool, i);
-                    }
-                })
-                .await
-            }
-            Self::Postgres(pool) => {
-                let pool = pool.clone();
-                drive(n, concurrency, move |i| {
-                    let pool = pool.clone();
-                    async move {
-                        raw_insert!(&pool, i);
-                    }
-                })
-                .await
-            }
+            Self::Sqlite(pool) => inserts!(pool),
+            Self::Postgres(pool) => inserts!(pool),
         };
         figures(latencies, elapsed)
     }

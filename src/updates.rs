@@ -51,6 +51,22 @@ pub struct NewUpdate {
     pub notification: Option<Notification>,
 }
 
+impl NewUpdate {
+    /// The update this becomes once appended as `id` with `seq` at `created_at`.
+    pub fn appended(&self, id: Uuid, seq: i64, created_at: DateTime<Utc>) -> Update {
+        Update {
+            seq,
+            id,
+            kind: self.kind.clone(),
+            tracking_id: self.tracking_id,
+            status: self.status.clone(),
+            data: self.data.clone(),
+            notification: self.notification.clone(),
+            created_at,
+        }
+    }
+}
+
 /// The first purge waits this long (or one interval, if shorter) so start-up is not slowed.
 const FIRST_PURGE_DELAY: Duration = Duration::from_secs(5);
 

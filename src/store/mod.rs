@@ -19,6 +19,7 @@ use crate::jobs::{
 };
 use crate::updates::Update;
 
+mod append;
 pub mod group_commit;
 #[macro_use]
 mod rows;

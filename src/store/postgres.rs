@@ -10,6 +10,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 use tokio::sync::Notify;
 
+use super::append::impl_append;
 use super::outbox::impl_outbox;
 use super::rows::{self, ClaimRow};
 use super::shared::impl_store;
@@ -238,16 +239,7 @@ impl PgStore {
                 let seq = seqs.get(id).copied().ok_or_else(|| {
                     StoreError::Corrupt("bulk append returned fewer rows than it was given".into())
                 })?;
-                Ok(crate::updates::Update {
-                    seq,
-                    id: *id,
-                    kind: new.kind.clone(),
-                    tracking_id: new.tracking_id,
-                    status: new.status.clone(),
-                    data: new.data.clone(),
-                    notification: new.notification.clone(),
-                    created_at: now,
-                })
+                Ok(new.appended(*id, seq, now))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
         let mut claimed = Vec::new();
@@ -293,5 +285,6 @@ impl PgStore {
     }
 }
 
+impl_append!(PgStore, Postgres);
 impl_store!(PgStore, Postgres, Engine::Postgres, " FOR UPDATE");
 impl_outbox!(PgStore, Postgres, " FOR UPDATE SKIP LOCKED", "GREATEST");

@@ -12,6 +12,7 @@ use sqlx::sqlite::{
 use sqlx::{Sqlite, Transaction};
 use tokio::sync::Notify;
 
+use super::append::impl_append;
 use super::outbox::impl_outbox;
 use super::rows::{self, ClaimRow};
 use super::shared::impl_store;
@@ -128,5 +129,6 @@ impl SqliteStore {
     }
 }
 
+impl_append!(SqliteStore, Sqlite);
 impl_store!(SqliteStore, Sqlite, Engine::Sqlite, "");
 impl_outbox!(SqliteStore, Sqlite, "", "MAX");

@@ -1,0 +1,171 @@
+//! Appending to the per-user update log, shared by both engines: the counters, the updates
+//! and their outbox rows, in a transaction the caller owns (a job transition, a published
+//! batch). Expanded once per engine like `shared`.
+
+/// Implement the append helpers for `$ty` on database `$db`.
+macro_rules! impl_append {
+    ($ty:ty, $db:ty) => {
+        impl $ty {
+            /// Append one update to `user_id`'s log inside `tx`.
+            async fn append_update(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                user_id: &str,
+                new: &$crate::updates::NewUpdate,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<$crate::updates::Update, sqlx::Error> {
+                let mut appended = Self::append_updates(tx, &[(user_id, new)], now).await?;
+                appended.pop().ok_or_else(|| sqlx::Error::Protocol("no update appended".into()))
+            }
+
+            /// Append updates to their users' logs inside `tx`, in order, each with one
+            /// delivery per active device of its user (the outbox).
+            async fn append_updates(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                events: &[(&str, &$crate::updates::NewUpdate)],
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<Vec<$crate::updates::Update>, sqlx::Error> {
+                let appended = Self::append_updates_leased(tx, events, now, None)
+                    .await
+                    .map_err(|e| match e {
+                        super::StoreError::Database(e) | super::StoreError::Unavailable(e) => e,
+                        other => sqlx::Error::Protocol(other.to_string()),
+                    })?;
+                Ok(appended.updates)
+            }
+
+            /// [`Self::append_updates`], with the deliveries written as claimed under
+            /// `handoff` (and returned) when given. A few statements per chunk of rows however
+            /// many updates there are.
+            async fn append_updates_leased(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                events: &[(&str, &$crate::updates::NewUpdate)],
+                now: chrono::DateTime<chrono::Utc>,
+                handoff: Option<&super::outbox::Handoff>,
+            ) -> Result<super::outbox::Appended, super::StoreError> {
+                use std::collections::{BTreeMap, HashMap};
+                // Each user's counter moves once per batch, and the counters are taken in one
+                // order (sorted by user) by every writer, so concurrent batches cannot deadlock.
+                let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
+                for (user, _) in events {
+                    *counts.entry(*user).or_default() += 1;
+                }
+                let of_user: HashMap<&str, i64> = counts.iter().map(|(u, n)| (*u, *n)).collect();
+                let counts: Vec<(&str, i64)> = counts.into_iter().collect();
+                let mut next: HashMap<String, i64> = HashMap::with_capacity(counts.len());
+                let mut rest = &counts[..];
+                while !rest.is_empty() {
+                    let (chunk, tail) = rest.split_at(super::outbox::chunk_len(rest.len()));
+                    rest = tail;
+                    let mut bump = sqlx::QueryBuilder::<$db>::new("INSERT INTO user_seqs (user_id, last_seq) ");
+                    bump.push_values(chunk, |mut row, (user, n)| {
+                        row.push_bind(*user).push_bind(*n);
+                    });
+                    bump.push(
+                        " ON CONFLICT (user_id) DO UPDATE SET last_seq = user_seqs.last_seq + excluded.last_seq \
+                         RETURNING user_id, last_seq",
+                    );
+                    let bumped: Vec<(String, i64)> = bump.build_query_as().fetch_all(&mut **tx).await?;
+                    for (user, last) in bumped {
+                        let n = of_user.get(user.as_str()).copied().unwrap_or(1);
+                        next.insert(user, last - n + 1);
+                    }
+                }
+                let mut appended = Vec::with_capacity(events.len());
+                for (user, new) in events {
+                    let seq = next.get_mut(*user).ok_or_else(|| {
+                        sqlx::Error::Protocol(format!("no sequence returned for user {user}"))
+                    })?;
+                    appended.push(new.appended(uuid::Uuid::now_v7(), *seq, now));
+                    *seq += 1;
+                }
+                let rows: Vec<(&str, &$crate::updates::Update)> =
+                    events.iter().map(|(user, _)| *user).zip(&appended).collect();
+                let (status, attempts) = if handoff.is_some() { ("sending", 1) } else { ("pending", 0) };
+                let mut outboxed: Vec<(uuid::Uuid, uuid::Uuid)> = Vec::new();
+                let mut rest = &rows[..];
+                while !rest.is_empty() {
+                    let (chunk, tail) = rest.split_at(super::outbox::chunk_len(rest.len()));
+                    rest = tail;
+                    let mut insert = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO updates (id, user_id, seq, type, tracking_id, status, data, notification, created_at) ",
+                    );
+                    insert.push_values(chunk, |mut row, (user, u)| {
+                        row.push_bind(u.id)
+                            .push_bind(*user)
+                            .push_bind(u.seq)
+                            .push_bind(&u.kind)
+                            .push_bind(u.tracking_id)
+                            .push_bind(&u.status)
+                            .push_bind(u.data.as_ref().map(sqlx::types::Json))
+                            .push_bind(u.notification.as_ref().map(sqlx::types::Json))
+                            .push_bind(u.created_at);
+                    });
+                    insert.build().execute(&mut **tx).await?;
+                    // The outbox: one delivery per active device, committed with the update itself.
+                    let mut outbox = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO deliveries (update_id, device_id, user_id, status, attempts, lease_owner, \
+                         lease_expires_at, next_attempt_at, created_at, updated_at) SELECT u.id, v.id, v.user_id, ",
+                    );
+                    outbox.push_bind(status);
+                    outbox.push(", ");
+                    outbox.push_bind(attempts);
+                    outbox.push(", ");
+                    outbox.push_bind(handoff.map(|h| h.owner.as_str()));
+                    outbox.push(", ");
+                    outbox.push_bind(handoff.map(|h| h.until));
+                    outbox.push(
+                        ", u.created_at, u.created_at, u.created_at FROM updates u JOIN devices v \
+                         ON v.user_id = u.user_id AND v.status = 'active' WHERE u.id IN (",
+                    );
+                    let mut ids = outbox.separated(", ");
+                    for (_, u) in chunk {
+                        ids.push_bind(u.id);
+                    }
+                    outbox.push(") RETURNING update_id, device_id");
+                    let written: Vec<(uuid::Uuid, uuid::Uuid)> =
+                        outbox.build_query_as().fetch_all(&mut **tx).await?;
+                    if handoff.is_some() {
+                        outboxed.extend(written);
+                    }
+                }
+                // Handed-off deliveries are this node's already: no other dispatcher need look.
+                if handoff.is_none() {
+                    Self::notify_updates(tx).await?;
+                }
+                let mut claimed = Vec::with_capacity(outboxed.len());
+                if !outboxed.is_empty() {
+                    let mut device_ids: Vec<uuid::Uuid> = outboxed.iter().map(|(_, d)| *d).collect();
+                    device_ids.sort_unstable();
+                    device_ids.dedup();
+                    let mut devices: HashMap<uuid::Uuid, super::outbox::DeviceRow> = HashMap::new();
+                    let mut rest = &device_ids[..];
+                    while !rest.is_empty() {
+                        let (chunk, tail) = rest.split_at(super::outbox::chunk_len(rest.len()));
+                        rest = tail;
+                        let mut query = sqlx::QueryBuilder::<$db>::new(
+                            "SELECT id, platform, token, environment, app_id FROM devices WHERE id IN (",
+                        );
+                        let mut ids = query.separated(", ");
+                        for id in chunk {
+                            ids.push_bind(*id);
+                        }
+                        query.push(")");
+                        let rows: Vec<super::outbox::DeviceRow> = query.build_query_as().fetch_all(&mut **tx).await?;
+                        devices.extend(rows.into_iter().map(|row| (row.0, row)));
+                    }
+                    let by_id: HashMap<uuid::Uuid, (&str, &$crate::updates::Update)> =
+                        rows.iter().map(|(user, u)| (u.id, (*user, *u))).collect();
+                    for (update_id, device_id) in &outboxed {
+                        let (Some((user, update)), Some(device)) = (by_id.get(update_id), devices.get(device_id)) else {
+                            return Err(super::StoreError::Corrupt("a handed-off delivery lost its update or device".into()));
+                        };
+                        claimed.push(super::outbox::handed_off(update, user, device)?);
+                    }
+                }
+                Ok(super::outbox::Appended { updates: appended, claimed })
+            }
+        }
+    };
+}
+
+pub(super) use impl_append;
