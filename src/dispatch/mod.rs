@@ -73,6 +73,9 @@ pub struct Handoffs {
     room: usize,
     queue: Mutex<Vec<DueDelivery>>,
     ready: tokio::sync::Notify,
+    /// Set when the dispatcher stops: later appends leave their deliveries pending, for
+    /// whichever node runs next, instead of leasing them to a dispatcher that is gone.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Handoffs {
@@ -83,6 +86,9 @@ impl Handoffs {
 
 impl HandoffSink for Handoffs {
     fn lease(&self) -> Option<Handoff> {
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
         let queued = self.queue.lock().unwrap_or_else(|p| p.into_inner()).len();
         let lease = chrono::Duration::from_std(self.lease).unwrap_or(chrono::Duration::seconds(60));
         (queued < self.room).then(|| Handoff {
@@ -120,6 +126,7 @@ impl Dispatcher {
             room: config.batch_size,
             queue: Mutex::new(Vec::new()),
             ready: tokio::sync::Notify::new(),
+            closed: std::sync::atomic::AtomicBool::new(false),
         });
         Self {
             store,
@@ -257,6 +264,14 @@ impl Dispatcher {
                     _ = shutdown.cancelled() => break,
                 }
             }
+        }
+        // No more handoffs; what was handed over already is sent with the rest (anything handed
+        // over after this point waits for its lease to run out, then any node sends it).
+        self.handoffs
+            .closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        for delivery in self.handoffs.take() {
+            self.spawn_send(delivery, &inflight, &results).await;
         }
         // Let in-flight sends finish (provider requests time out on their own), then record.
         let all = u32::try_from(config.batch_size).unwrap_or(u32::MAX);
@@ -436,5 +451,63 @@ fn classify(
                 DeliveryOutcome::Retry { at, reason }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::updates::Update;
+
+    fn handoffs(room: usize) -> Handoffs {
+        Handoffs {
+            owner: "handoff:test".into(),
+            lease: Duration::from_secs(60),
+            room,
+            queue: Mutex::new(Vec::new()),
+            ready: tokio::sync::Notify::new(),
+            closed: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn delivery() -> DueDelivery {
+        DueDelivery {
+            update: Update {
+                seq: 1,
+                id: uuid::Uuid::now_v7(),
+                kind: "order.shipped".into(),
+                tracking_id: None,
+                status: None,
+                data: None,
+                notification: None,
+                created_at: Utc::now(),
+            },
+            user_id: "alice".into(),
+            device_id: uuid::Uuid::now_v7(),
+            platform: Platform::Fcm,
+            token: "t".into(),
+            environment: None,
+            app_id: "com.example.app".into(),
+            attempt: 1,
+        }
+    }
+
+    #[test]
+    fn leases_only_while_open_and_with_room() {
+        let h = handoffs(2);
+        let lease = h.lease().expect("open and empty");
+        assert_eq!(lease.owner, "handoff:test");
+        assert!(lease.until > Utc::now() + chrono::Duration::seconds(59));
+        h.hand_over(vec![delivery(), delivery()]);
+        assert!(
+            h.lease().is_none(),
+            "full: appends leave deliveries pending"
+        );
+        assert_eq!(h.take().len(), 2);
+        assert!(h.lease().is_some(), "room again once taken");
+        h.closed.store(true, Ordering::Release);
+        assert!(h.lease().is_none(), "a stopped dispatcher takes no more");
     }
 }
