@@ -1,5 +1,6 @@
-//! One long-lived, multiplexed HTTP/2 connection to an APNs endpoint, created lazily and replaced
-//! when it closes, answers GOAWAY or is told to (503, Shutdown).
+//! One long-lived, multiplexed HTTP/2 connection to a provider endpoint (APNs; FCM sends through
+//! it too), created lazily and replaced when it closes, answers GOAWAY or is told to (503,
+//! Shutdown).
 //!
 //! Failures are sorted by what they mean for the notification: never sent or refused by the
 //! server (safe to resend), or lost in flight (may have been delivered: the dispatcher decides).
@@ -167,7 +168,7 @@ impl Endpoint {
     pub fn invalidate(&self, generation: u64) {
         let mut live = lock(&self.live);
         if live.as_ref().is_some_and(|l| l.generation == generation) {
-            tracing::debug!(endpoint = ?self, generation, "replacing APNs connection");
+            tracing::debug!(endpoint = ?self, generation, "replacing HTTP/2 connection");
             *live = None;
         }
     }
@@ -201,7 +202,7 @@ impl Endpoint {
 
     fn failed(&self, why: String) -> SendError {
         let why = format!("{}:{}: {why}", self.host, self.port);
-        tracing::warn!(error = %why, "APNs connection failed");
+        tracing::warn!(error = %why, "HTTP/2 connection failed");
         *lock(&self.last_failure) = Some((Instant::now(), why.clone()));
         SendError::Connect(why)
     }
@@ -246,11 +247,11 @@ impl Endpoint {
         let name = format!("{}:{}", self.host, self.port);
         tokio::spawn(async move {
             match conn.await {
-                Ok(()) => tracing::debug!(endpoint = %name, "APNs connection closed"),
-                Err(e) => tracing::info!(endpoint = %name, error = %e, "APNs connection ended"),
+                Ok(()) => tracing::debug!(endpoint = %name, "HTTP/2 connection closed"),
+                Err(e) => tracing::info!(endpoint = %name, error = %e, "HTTP/2 connection ended"),
             }
         });
-        tracing::debug!(endpoint = ?self, "APNs connection established");
+        tracing::debug!(endpoint = ?self, "HTTP/2 connection established");
         Ok(tx)
     }
 
