@@ -12,9 +12,9 @@ macro_rules! impl_append {
                 user_id: &str,
                 new: &$crate::updates::NewUpdate,
                 now: chrono::DateTime<chrono::Utc>,
-            ) -> Result<$crate::updates::Update, sqlx::Error> {
+            ) -> Result<$crate::updates::Update, super::StoreError> {
                 let mut appended = Self::append_updates(tx, &[(user_id, new)], now).await?;
-                appended.pop().ok_or_else(|| sqlx::Error::Protocol("no update appended".into()))
+                appended.pop().ok_or_else(|| super::StoreError::Corrupt("no update appended".into()))
             }
 
             /// Append updates to their users' logs inside `tx`, in order, each with one
@@ -23,14 +23,8 @@ macro_rules! impl_append {
                 tx: &mut sqlx::Transaction<'_, $db>,
                 events: &[(&str, &$crate::updates::NewUpdate)],
                 now: chrono::DateTime<chrono::Utc>,
-            ) -> Result<Vec<$crate::updates::Update>, sqlx::Error> {
-                let appended = Self::append_updates_leased(tx, events, now, None)
-                    .await
-                    .map_err(|e| match e {
-                        super::StoreError::Database(e) | super::StoreError::Unavailable(e) => e,
-                        other => sqlx::Error::Protocol(other.to_string()),
-                    })?;
-                Ok(appended.updates)
+            ) -> Result<Vec<$crate::updates::Update>, super::StoreError> {
+                Ok(Self::append_updates_leased(tx, events, now, None).await?.updates)
             }
 
             /// [`Self::append_updates`], with the deliveries written as claimed under
@@ -52,10 +46,7 @@ macro_rules! impl_append {
                 let of_user: HashMap<&str, i64> = counts.iter().map(|(u, n)| (*u, *n)).collect();
                 let counts: Vec<(&str, i64)> = counts.into_iter().collect();
                 let mut next: HashMap<String, i64> = HashMap::with_capacity(counts.len());
-                let mut rest = &counts[..];
-                while !rest.is_empty() {
-                    let (chunk, tail) = rest.split_at(super::outbox::chunk_len(rest.len()));
-                    rest = tail;
+                for chunk in super::outbox::chunked(&counts) {
                     let mut bump = sqlx::QueryBuilder::<$db>::new("INSERT INTO user_seqs (user_id, last_seq) ");
                     bump.push_values(chunk, |mut row, (user, n)| {
                         row.push_bind(*user).push_bind(*n);
@@ -82,10 +73,7 @@ macro_rules! impl_append {
                     events.iter().map(|(user, _)| *user).zip(&appended).collect();
                 let (status, attempts) = if handoff.is_some() { ("sending", 1) } else { ("pending", 0) };
                 let mut outboxed: Vec<(uuid::Uuid, uuid::Uuid)> = Vec::new();
-                let mut rest = &rows[..];
-                while !rest.is_empty() {
-                    let (chunk, tail) = rest.split_at(super::outbox::chunk_len(rest.len()));
-                    rest = tail;
+                for chunk in super::outbox::chunked(&rows) {
                     let mut insert = sqlx::QueryBuilder::<$db>::new(
                         "INSERT INTO updates (id, user_id, seq, type, tracking_id, status, data, notification, created_at) ",
                     );
@@ -138,10 +126,7 @@ macro_rules! impl_append {
                     device_ids.sort_unstable();
                     device_ids.dedup();
                     let mut devices: HashMap<uuid::Uuid, super::outbox::DeviceRow> = HashMap::new();
-                    let mut rest = &device_ids[..];
-                    while !rest.is_empty() {
-                        let (chunk, tail) = rest.split_at(super::outbox::chunk_len(rest.len()));
-                        rest = tail;
+                    for chunk in super::outbox::chunked(&device_ids) {
                         let mut query = sqlx::QueryBuilder::<$db>::new(
                             "SELECT id, platform, token, environment, app_id FROM devices WHERE id IN (",
                         );

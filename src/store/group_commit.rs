@@ -101,20 +101,20 @@ async fn commit_loop<I, O, F, Fut>(
         metrics::histogram!("herald_commit_batch_size", "writes" => name)
             .record(items.len() as f64);
         let expected = items.len();
-        match commit(items).await {
-            Ok(outputs) if outputs.len() == expected => {
-                for (reply, output) in replies.into_iter().zip(outputs) {
-                    let _ = reply.send(Ok(output));
-                }
-            }
-            Ok(outputs) => {
-                let err = StoreError::Corrupt(format!(
+        let committed = commit(items).await.and_then(|outputs| {
+            if outputs.len() == expected {
+                Ok(outputs)
+            } else {
+                Err(StoreError::Corrupt(format!(
                     "a batch of {expected} {name} committed with {} answers",
                     outputs.len()
-                ));
-                let err = Arc::new(err);
-                for reply in replies {
-                    let _ = reply.send(Err(StoreError::Shared(err.clone())));
+                )))
+            }
+        });
+        match committed {
+            Ok(outputs) => {
+                for (reply, output) in replies.into_iter().zip(outputs) {
+                    let _ = reply.send(Ok(output));
                 }
             }
             Err(err) => {

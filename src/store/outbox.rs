@@ -272,6 +272,19 @@ pub(super) fn chunk_len(left: usize) -> usize {
     }
 }
 
+/// `items` in [`chunk_len`] pieces, in order.
+pub(super) fn chunked<T>(items: &[T]) -> impl Iterator<Item = &[T]> {
+    let mut rest = items;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let (chunk, tail) = rest.split_at(chunk_len(rest.len()));
+        rest = tail;
+        Some(chunk)
+    })
+}
+
 /// Implement [`Outbox`] for `$ty` on `$db`; `$skip_locked` follows the claim's inner select,
 /// `$greatest` is the two-argument maximum function of the dialect.
 macro_rules! impl_outbox {
@@ -336,10 +349,7 @@ macro_rules! impl_outbox {
                         _ => None,
                     })
                     .collect();
-                let mut rest = &sent[..];
-                while !rest.is_empty() {
-                    let (chunk, tail) = rest.split_at(super::outbox::chunk_len(rest.len()));
-                    rest = tail;
+                for chunk in super::outbox::chunked(&sent) {
                     let mut update = sqlx::QueryBuilder::<$db>::new(
                         "WITH sent_batch (b_update, b_device, b_attempt, b_provider) AS (",
                     );
