@@ -15,7 +15,9 @@
 //! of the paced run instead of half the measured rate, to compare changes), PIPELINE_USERS (default
 //! 1000, each with an iPhone and an Android phone), PIPELINE_APPENDERS (concurrent appenders,
 //! default 64: many services publishing at once), PIPELINE_ENGINES (`sqlite,postgres`), PIPELINE_ONLY=apart (only the append and
-//! dispatch stages measured apart, for profiling), HERALD_TEST_DATABASE_URL (default
+//! dispatch stages measured apart, for profiling), PIPELINE_PERF_CTL (the control FIFO of
+//! `perf record --control=fifo:FIFO -D -1`: only the full-load run is recorded),
+//! HERALD_TEST_DATABASE_URL (default
 //! postgres://postgres@127.0.0.1:5432/postgres).
 
 use std::path::PathBuf;
@@ -302,16 +304,29 @@ async fn flood(events: &EventIntake, p: Params, commits: &Arc<Commits>) {
     }
 }
 
-/// Appends as fast as it can while the node dispatches, then waits for every outcome.
-async fn full_load(running: &Running, fakes: &Fakes, p: Params, base: usize) -> Run {
+/// Appends as fast as it can while the node dispatches, then waits for every outcome;
+/// `profiled`: the run a profiler records (see PIPELINE_PERF_CTL).
+async fn full_load(
+    running: &Running,
+    fakes: &Fakes,
+    p: Params,
+    base: usize,
+    profiled: bool,
+) -> Run {
     let store = &running.store;
     let commits = Commits::new(base, p.updates());
+    if profiled {
+        perf_control("enable");
+    }
     let cpu = cpu_time();
     let start = Instant::now();
     flood(&running.node.events, p, &commits).await;
     let appended = start.elapsed();
     drained(store).await;
     let elapsed = start.elapsed();
+    if profiled {
+        perf_control("disable");
+    }
     let cpu = cpu_time().saturating_sub(cpu);
     finish(fakes, &commits, elapsed, appended, cpu)
 }
@@ -660,6 +675,14 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
+/// With PIPELINE_PERF_CTL naming the control FIFO of `perf record --control=fifo:… -D -1`,
+/// only the full-load run is profiled.
+fn perf_control(command: &str) {
+    if let Ok(fifo) = std::env::var("PIPELINE_PERF_CTL") {
+        let _ = std::fs::write(fifo, format!("{command}\n"));
+    }
+}
+
 async fn bench_engine(engine: &str, url: &str, p: Params) {
     let fakes = Fakes::start().await;
     let raw = Arc::new(Raw::connect(&fakes, p.users).await);
@@ -720,12 +743,12 @@ async fn bench_engine(engine: &str, url: &str, p: Params) {
         pushes: (p.pushes / 5).max(2) / 2 * 2,
         ..p
     };
-    let _ = full_load(&running, &fakes, warm, base).await;
+    let _ = full_load(&running, &fakes, warm, base, false).await;
     base += warm.updates();
     let _ = raw.run(warm).await;
     // Load on a shared machine drifts: raw before and after Herald, Herald's run in between.
     let (raw_before, raw_cpu_before) = raw.run(p).await;
-    let full = full_load(&running, &fakes, p, base).await;
+    let full = full_load(&running, &fakes, p, base, true).await;
     base += p.updates();
     let (raw_after, raw_cpu_after) = raw.run(p).await;
     let raw_rate = 2.0 / (1.0 / raw_before + 1.0 / raw_after);

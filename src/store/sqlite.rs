@@ -41,13 +41,18 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
+        // No ping before each acquire: the database is an in-process file, and the ping is a
+        // round trip to the connection's thread that every transaction waited for (measured:
+        // ~2 ms of a 7 ms group commit under load).
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
+            .test_before_acquire(false)
             .acquire_timeout(acquire_timeout)
             .connect_with(options.clone())
             .await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(readers.max(1))
+            .test_before_acquire(false)
             .acquire_timeout(acquire_timeout)
             .connect_with(options.read_only(true))
             .await?;
