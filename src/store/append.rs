@@ -72,7 +72,6 @@ macro_rules! impl_append {
                 let rows: Vec<(&str, &$crate::updates::Update)> =
                     events.iter().map(|(user, _)| *user).zip(&appended).collect();
                 let (status, attempts) = if handoff.is_some() { ("sending", 1) } else { ("pending", 0) };
-                let mut outboxed: Vec<(uuid::Uuid, uuid::Uuid)> = Vec::new();
                 for chunk in super::outbox::chunked(&rows) {
                     let mut insert = sqlx::QueryBuilder::<$db>::new(
                         "INSERT INTO updates (id, user_id, seq, type, tracking_id, status, data, notification, created_at) ",
@@ -109,42 +108,39 @@ macro_rules! impl_append {
                     for (_, u) in chunk {
                         ids.push_bind(u.id);
                     }
-                    outbox.push(") RETURNING update_id, device_id");
-                    let written: Vec<(uuid::Uuid, uuid::Uuid)> =
-                        outbox.build_query_as().fetch_all(&mut **tx).await?;
-                    if handoff.is_some() {
-                        outboxed.extend(written);
-                    }
+                    outbox.push(")");
+                    outbox.build().execute(&mut **tx).await?;
                 }
                 // Handed-off deliveries are this node's already: no other dispatcher need look.
                 if handoff.is_none() {
                     Self::notify_updates(tx).await?;
                 }
-                let mut claimed = Vec::with_capacity(outboxed.len());
-                if !outboxed.is_empty() {
-                    let mut device_ids: Vec<uuid::Uuid> = outboxed.iter().map(|(_, d)| *d).collect();
-                    device_ids.sort_unstable();
-                    device_ids.dedup();
-                    let mut devices: HashMap<uuid::Uuid, super::outbox::DeviceRow> = HashMap::new();
-                    for chunk in super::outbox::chunked(&device_ids) {
+                let mut claimed = Vec::new();
+                if handoff.is_some() {
+                    // The devices the outbox rows were just written for (same transaction, so the
+                    // same set), read by user: no row per delivery comes back from the insert.
+                    let users: Vec<&str> = of_user.keys().copied().collect();
+                    let mut devices: HashMap<String, Vec<super::outbox::DeviceRow>> = HashMap::new();
+                    for chunk in super::outbox::chunked(&users) {
                         let mut query = sqlx::QueryBuilder::<$db>::new(
-                            "SELECT id, platform, token, environment, app_id FROM devices WHERE id IN (",
+                            "SELECT id, platform, token, environment, app_id, user_id FROM devices \
+                             WHERE status = 'active' AND user_id IN (",
                         );
                         let mut ids = query.separated(", ");
-                        for id in chunk {
-                            ids.push_bind(*id);
+                        for user in chunk {
+                            ids.push_bind(*user);
                         }
                         query.push(")");
-                        let rows: Vec<super::outbox::DeviceRow> = query.build_query_as().fetch_all(&mut **tx).await?;
-                        devices.extend(rows.into_iter().map(|row| (row.0, row)));
+                        let found: Vec<(uuid::Uuid, String, String, Option<String>, String, String)> =
+                            query.build_query_as().fetch_all(&mut **tx).await?;
+                        for (id, platform, token, environment, app_id, user) in found {
+                            devices.entry(user).or_default().push((id, platform, token, environment, app_id));
+                        }
                     }
-                    let by_id: HashMap<uuid::Uuid, (&str, &$crate::updates::Update)> =
-                        rows.iter().map(|(user, u)| (u.id, (*user, *u))).collect();
-                    for (update_id, device_id) in &outboxed {
-                        let (Some((user, update)), Some(device)) = (by_id.get(update_id), devices.get(device_id)) else {
-                            return Err(super::StoreError::Corrupt("a handed-off delivery lost its update or device".into()));
-                        };
-                        claimed.push(super::outbox::handed_off(update, user, device)?);
+                    for (user, update) in &rows {
+                        for device in devices.get(*user).into_iter().flatten() {
+                            claimed.push(super::outbox::handed_off(update, user, device)?);
+                        }
                     }
                 }
                 Ok(super::outbox::Appended { updates: appended, claimed })

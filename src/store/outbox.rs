@@ -366,13 +366,13 @@ macro_rules! impl_outbox {
                     update.push(
                         ", lease_owner = NULL, lease_expires_at = NULL FROM sent_batch \
                          WHERE update_id = b_update AND device_id = b_device AND status = 'sending' \
-                         AND attempts = b_attempt RETURNING device_id",
+                         AND attempts = b_attempt",
                     );
-                    let mut devices: Vec<uuid::Uuid> =
-                        update.build_query_scalar().fetch_all(&mut *tx).await?;
-                    if devices.is_empty() {
-                        continue;
-                    }
+                    update.build().execute(&mut *tx).await?;
+                    // Every device of the chunk was pushed to, whether or not its row's fence held
+                    // (a lost lease only means another sender may push it again), so all are
+                    // touched and nothing needs to come back from the update above.
+                    let mut devices: Vec<uuid::Uuid> = chunk.iter().map(|(_, device_id, _, _)| *device_id).collect();
                     devices.sort_unstable();
                     devices.dedup();
                     // Padded to the chunk's length with a repeated id (harmless in IN): as few
