@@ -1,22 +1,22 @@
 //! The dispatcher: claims due deliveries from the outbox, sends them through APNs and FCM with
 //! bounded concurrency per app and provider, and records the outcomes in batches.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::config::DispatchConfig;
-use crate::devices::{ApnsEnvironment, Platform};
-use crate::providers::{Providers, PushOutcome, apns};
+use crate::providers::Providers;
 use crate::queue::Backoff;
-use crate::store::{DeliveryOutcome, DeliveryResult, DueDelivery, Handoff, HandoffSink, Store};
+use crate::store::{DeliveryResult, DueDelivery, Handoff, HandoffSink, Store};
 
+mod lane;
 pub mod payload;
+
+use lane::{Context, Lanes};
 
 /// How often deliveries whose sender vanished are made due again.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -29,40 +29,6 @@ const RECORD_MAX: usize = 512;
 
 /// How long a small batch of outcomes waits for more before it is recorded.
 const RECORD_LINGER: Duration = Duration::from_millis(10);
-
-/// Shared by every send task.
-struct Context {
-    providers: Providers,
-    config: DispatchConfig,
-    backoff: Backoff,
-    /// Pushes in flight per (app, platform).
-    gates: Mutex<HashMap<(String, Platform), Arc<Semaphore>>>,
-    /// Providers that rejected our credentials, held until the instant given.
-    holds: Mutex<HashMap<(String, Platform), DateTime<Utc>>>,
-}
-
-impl Context {
-    fn gate(&self, app: &str, platform: Platform) -> Arc<Semaphore> {
-        let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
-        gates
-            .entry((app.to_string(), platform))
-            .or_insert_with(|| Arc::new(Semaphore::new(self.config.concurrency)))
-            .clone()
-    }
-
-    fn held_until(&self, app: &str, platform: Platform) -> Option<DateTime<Utc>> {
-        let holds = self.holds.lock().unwrap_or_else(|p| p.into_inner());
-        holds
-            .get(&(app.to_string(), platform))
-            .copied()
-            .filter(|until| *until > Utc::now())
-    }
-
-    fn hold(&self, app: &str, platform: Platform, until: DateTime<Utc>) {
-        let mut holds = self.holds.lock().unwrap_or_else(|p| p.into_inner());
-        holds.insert((app.to_string(), platform), until);
-    }
-}
 
 /// Deliveries this node's appends wrote as claimed by it, waiting to be sent: they skip the
 /// claim from the outbox (a transaction, and most of the dispatcher's database work).
@@ -135,8 +101,6 @@ impl Dispatcher {
                 providers,
                 config,
                 backoff,
-                gates: Mutex::new(HashMap::new()),
-                holds: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -146,33 +110,12 @@ impl Dispatcher {
         self.handoffs.clone()
     }
 
-    /// Start sending `delivery` once a slot in `inflight` is free.
-    async fn spawn_send(
-        &self,
-        delivery: DueDelivery,
-        inflight: &Arc<Semaphore>,
-        results: &mpsc::Sender<DeliveryResult>,
-    ) {
-        let Ok(permit) = inflight.clone().acquire_owned().await else {
+    /// Queue `delivery` on its lane once a slot in `inflight` is free.
+    async fn enqueue(&self, lanes: &mut Lanes, delivery: DueDelivery, inflight: &Arc<Semaphore>) {
+        let Ok(slot) = inflight.clone().acquire_owned().await else {
             return;
         };
-        let context = self.context.clone();
-        let results = results.clone();
-        let span = tracing::info_span!(
-            "delivery",
-            tracking_id = ?delivery.update.tracking_id,
-            device_id = %delivery.device_id,
-            seq = delivery.update.seq,
-            attempt = delivery.attempt,
-        );
-        tokio::spawn(
-            async move {
-                let result = send_one(&context, delivery).await;
-                let _ = results.send(result).await;
-                drop(permit);
-            }
-            .instrument(span),
-        );
+        lanes.queue(delivery, slot);
     }
 
     /// Claim, send and record until `shutdown`; in-flight sends are finished and recorded.
@@ -184,6 +127,7 @@ impl Dispatcher {
         let low_water_permits = u32::try_from(low_water).unwrap_or(u32::MAX);
         let (results, results_rx) = mpsc::channel(config.batch_size * 2);
         let recorder = tokio::spawn(record_loop(self.store.clone(), results_rx));
+        let mut lanes = Lanes::new(self.context.clone(), results.clone());
         let appended = self.store.appended();
         let poll = Duration::from_millis(config.poll_interval_ms.max(10));
         let lease = Duration::from_secs(config.lease_secs);
@@ -206,7 +150,7 @@ impl Dispatcher {
             }
             // Handed over by appends: already claimed, sent first.
             for delivery in self.handoffs.take() {
-                self.spawn_send(delivery, &inflight, &results).await;
+                self.enqueue(&mut lanes, delivery, &inflight).await;
             }
             let free = inflight.available_permits();
             if free < low_water {
@@ -240,7 +184,7 @@ impl Dispatcher {
                 // As many as asked for: more may be due, look again at once.
                 look = claimed.len() >= free;
                 for delivery in claimed {
-                    self.spawn_send(delivery, &inflight, &results).await;
+                    self.enqueue(&mut lanes, delivery, &inflight).await;
                 }
                 if look {
                     continue;
@@ -271,11 +215,13 @@ impl Dispatcher {
             .closed
             .store(true, std::sync::atomic::Ordering::Release);
         for delivery in self.handoffs.take() {
-            self.spawn_send(delivery, &inflight, &results).await;
+            self.enqueue(&mut lanes, delivery, &inflight).await;
         }
         // Let in-flight sends finish (provider requests time out on their own), then record.
         let all = u32::try_from(config.batch_size).unwrap_or(u32::MAX);
         let _ = tokio::time::timeout(Duration::from_secs(35), inflight.acquire_many(all)).await;
+        // Closing the lanes' queues stops their senders, whose result senders then go too.
+        drop(lanes);
         drop(results);
         let _ = recorder.await;
         tracing::info!("dispatcher stopped");
@@ -317,148 +263,12 @@ async fn record_loop(store: Arc<dyn Store>, mut rx: mpsc::Receiver<DeliveryResul
     }
 }
 
-fn provider_label(platform: Platform) -> &'static str {
-    match platform {
-        Platform::Apns => "apns",
-        Platform::Fcm => "fcm",
-    }
-}
-
-/// Send one delivery and decide what to record.
-async fn send_one(context: &Context, delivery: DueDelivery) -> DeliveryResult {
-    let config = &context.config;
-    let platform = delivery.platform;
-    let app = delivery.app_id.clone();
-    let ttl =
-        chrono::Duration::seconds(i64::try_from(config.push_ttl_secs).unwrap_or(i64::MAX / 2));
-    let expires = delivery.update.created_at + ttl;
-    let now = Utc::now();
-    let outcome = if now >= expires {
-        DeliveryOutcome::Failed {
-            reason: "expired before it could be delivered".into(),
-        }
-    } else if let Some(until) = context.held_until(&app, platform) {
-        DeliveryOutcome::Hold {
-            until,
-            reason: "provider credentials rejected; holding".into(),
-        }
-    } else {
-        let gate = context.gate(&app, platform);
-        let _slot = gate.acquire_owned().await;
-        let pushed = push(context, &delivery, expires).await;
-        classify(context, &delivery, pushed, expires)
-    };
-    let label = match &outcome {
-        DeliveryOutcome::Sent { .. } => {
-            let lag = (Utc::now() - delivery.update.created_at)
-                .to_std()
-                .unwrap_or_default();
-            metrics::histogram!("herald_delivery_lag_seconds", "provider" => provider_label(platform))
-                .record(lag.as_secs_f64());
-            "delivered"
-        }
-        DeliveryOutcome::Retry { .. } => "retry",
-        DeliveryOutcome::Failed { .. } => "failed",
-        DeliveryOutcome::InvalidToken { .. } => {
-            metrics::counter!("herald_pruned_tokens_total", "provider" => provider_label(platform), "app" => app.clone())
-                .increment(1);
-            "invalid_token"
-        }
-        DeliveryOutcome::Hold { .. } => "held",
-    };
-    metrics::counter!("herald_pushes_total", "provider" => provider_label(platform), "app" => app, "outcome" => label)
-        .increment(1);
-    tracing::debug!(outcome = label, "push attempt finished");
-    DeliveryResult {
-        update_id: delivery.update.id,
-        device_id: delivery.device_id,
-        attempt: delivery.attempt,
-        outcome,
-    }
-}
-
-/// The provider call; `Err` is a reason this delivery can never be sent.
-async fn push(
-    context: &Context,
-    delivery: &DueDelivery,
-    expires: DateTime<Utc>,
-) -> Result<PushOutcome, String> {
-    match delivery.platform {
-        Platform::Apns => {
-            let sender = context
-                .providers
-                .apns(&delivery.app_id)
-                .ok_or_else(|| format!("app {} has no APNs credentials", delivery.app_id))?;
-            let environment = match delivery.environment {
-                Some(ApnsEnvironment::Sandbox) => apns::Environment::Sandbox,
-                _ => apns::Environment::Production,
-            };
-            let request =
-                payload::apns_request(&delivery.update, &delivery.token, environment, expires)
-                    .map_err(|e| e.to_string())?;
-            Ok(sender.send(&request).await)
-        }
-        Platform::Fcm => {
-            let sender = context
-                .providers
-                .fcm(&delivery.app_id)
-                .ok_or_else(|| format!("app {} has no FCM credentials", delivery.app_id))?;
-            let left = (expires - Utc::now()).to_std().unwrap_or_default();
-            let request = payload::fcm_request(&delivery.update, &delivery.token, left);
-            Ok(sender.send(&request).await)
-        }
-    }
-}
-
-/// Map the provider's class to what the outbox records.
-fn classify(
-    context: &Context,
-    delivery: &DueDelivery,
-    pushed: Result<PushOutcome, String>,
-    expires: DateTime<Utc>,
-) -> DeliveryOutcome {
-    let config = &context.config;
-    match pushed {
-        Err(reason) => DeliveryOutcome::Failed { reason },
-        Ok(PushOutcome::Delivered { provider_id }) => DeliveryOutcome::Sent { provider_id },
-        Ok(PushOutcome::InvalidToken { reason, since }) => {
-            DeliveryOutcome::InvalidToken { reason, since }
-        }
-        Ok(PushOutcome::Permanent { reason }) => DeliveryOutcome::Failed { reason },
-        Ok(PushOutcome::Misconfigured { reason }) => {
-            let until = Utc::now()
-                + chrono::Duration::seconds(i64::try_from(config.hold_secs).unwrap_or(60));
-            context.hold(&delivery.app_id, delivery.platform, until);
-            metrics::counter!("herald_provider_misconfigured_total", "provider" => provider_label(delivery.platform), "app" => delivery.app_id.clone())
-                .increment(1);
-            tracing::error!(app = %delivery.app_id, provider = provider_label(delivery.platform), %reason,
-                "provider rejected Herald's credentials; holding its deliveries");
-            DeliveryOutcome::Hold { until, reason }
-        }
-        Ok(PushOutcome::Retry {
-            retry_after,
-            reason,
-        }) => {
-            let backoff = context.backoff.delay(delivery.attempt);
-            // Never earlier than the provider asked.
-            let wait = retry_after.map_or(backoff, |after| after.max(backoff));
-            let at = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
-            if delivery.attempt >= config.max_attempts || at >= expires {
-                DeliveryOutcome::Failed {
-                    reason: format!("gave up after {} attempts: {reason}", delivery.attempt),
-                }
-            } else {
-                DeliveryOutcome::Retry { at, reason }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::Ordering;
 
     use super::*;
+    use crate::devices::Platform;
     use crate::updates::Update;
 
     fn handoffs(room: usize) -> Handoffs {
