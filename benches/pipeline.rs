@@ -14,7 +14,7 @@
 //! PIPELINE_PUSHES (pushes per run, default 20000; two per update), PIPELINE_PACED_RATE (pushes/s
 //! of the paced run instead of half the measured rate, to compare changes), PIPELINE_USERS (default
 //! 1000, each with an iPhone and an Android phone), PIPELINE_APPENDERS (concurrent appenders,
-//! default 64: many services publishing at once), PIPELINE_ENGINES (`sqlite,postgres`), PIPELINE_ONLY=apart (only the append and
+//! default 512: many services publishing at once, enough that appends are not capped by one commit's round trip), PIPELINE_ENGINES (`sqlite,postgres`), PIPELINE_ONLY=apart (only the append and
 //! dispatch stages measured apart, for profiling), PIPELINE_PERF_CTL (the control FIFO of
 //! `perf record --control=fifo:FIFO -D -1`: only the full-load run is recorded),
 //! HERALD_TEST_DATABASE_URL (default
@@ -808,7 +808,7 @@ fn main() {
     let p = Params {
         pushes: env_usize("PIPELINE_PUSHES", 20_000).max(4) / 2 * 2,
         users: 0,
-        appenders: env_usize("PIPELINE_APPENDERS", 64).max(1),
+        appenders: env_usize("PIPELINE_APPENDERS", 512).max(1),
         concurrency: Config::defaults().expect("config").dispatch.concurrency,
     };
     // A multiple of the appender count, so each user belongs to one appender.
