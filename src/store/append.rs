@@ -47,15 +47,7 @@ macro_rules! impl_append {
                 let counts: Vec<(&str, i64)> = counts.into_iter().collect();
                 let mut next: HashMap<String, i64> = HashMap::with_capacity(counts.len());
                 for chunk in super::outbox::chunked(&counts) {
-                    let mut bump = sqlx::QueryBuilder::<$db>::new("INSERT INTO user_seqs (user_id, last_seq) ");
-                    bump.push_values(chunk, |mut row, (user, n)| {
-                        row.push_bind(*user).push_bind(*n);
-                    });
-                    bump.push(
-                        " ON CONFLICT (user_id) DO UPDATE SET last_seq = user_seqs.last_seq + excluded.last_seq \
-                         RETURNING user_id, last_seq",
-                    );
-                    let bumped: Vec<(String, i64)> = bump.build_query_as().fetch_all(&mut **tx).await?;
+                    let bumped = Self::bump_counters(tx, chunk).await?;
                     for (user, last) in bumped {
                         let n = of_user.get(user.as_str()).copied().unwrap_or(1);
                         next.insert(user, last - n + 1);
@@ -122,17 +114,7 @@ macro_rules! impl_append {
                     let users: Vec<&str> = of_user.keys().copied().collect();
                     let mut devices: HashMap<String, Vec<super::outbox::DeviceRow>> = HashMap::new();
                     for chunk in super::outbox::chunked(&users) {
-                        let mut query = sqlx::QueryBuilder::<$db>::new(
-                            "SELECT id, platform, token, environment, app_id, user_id FROM devices \
-                             WHERE status = 'active' AND user_id IN (",
-                        );
-                        let mut ids = query.separated(", ");
-                        for user in chunk {
-                            ids.push_bind(*user);
-                        }
-                        query.push(")");
-                        let found: Vec<(uuid::Uuid, String, String, Option<String>, String, String)> =
-                            query.build_query_as().fetch_all(&mut **tx).await?;
+                        let found = Self::active_devices(tx, chunk).await?;
                         for (id, platform, token, environment, app_id, user) in found {
                             devices.entry(user).or_default().push((id, platform, token, environment, app_id));
                         }

@@ -116,6 +116,9 @@ pub struct Appended {
 /// A device as a claimed delivery needs it: id, platform, token, environment, app.
 pub(super) type DeviceRow = (Uuid, String, String, Option<String>, String);
 
+/// A [`DeviceRow`] and its user.
+pub(super) type UserDeviceRow = (Uuid, String, String, Option<String>, String, String);
+
 /// The claimed delivery of `update` to `device`, first attempt.
 pub(super) fn handed_off(
     update: &Update,

@@ -262,6 +262,40 @@ impl PgStore {
         Ok(Some(super::Appended { updates, claimed }))
     }
 
+    /// Move each user's counter on by its count; the new values come back.
+    async fn bump_counters(
+        tx: &mut Transaction<'_, Postgres>,
+        counts: &[(&str, i64)],
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        let mut bump =
+            sqlx::QueryBuilder::<Postgres>::new("INSERT INTO user_seqs (user_id, last_seq) ");
+        bump.push_values(counts, |mut row, (user, n)| {
+            row.push_bind(*user).push_bind(*n);
+        });
+        bump.push(
+            " ON CONFLICT (user_id) DO UPDATE SET last_seq = user_seqs.last_seq + excluded.last_seq \
+             RETURNING user_id, last_seq",
+        );
+        Ok(bump.build_query_as().fetch_all(&mut **tx).await?)
+    }
+
+    /// The active devices of `users`.
+    async fn active_devices(
+        tx: &mut Transaction<'_, Postgres>,
+        users: &[&str],
+    ) -> Result<Vec<super::outbox::UserDeviceRow>, StoreError> {
+        let mut query = sqlx::QueryBuilder::<Postgres>::new(
+            "SELECT id, platform, token, environment, app_id, user_id FROM devices \
+             WHERE status = 'active' AND user_id IN (",
+        );
+        let mut ids = query.separated(", ");
+        for user in users {
+            ids.push_bind(*user);
+        }
+        query.push(")");
+        Ok(query.build_query_as().fetch_all(&mut **tx).await?)
+    }
+
     /// Tells every node's dispatcher and live streams that updates were appended.
     async fn notify_updates(tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
         sqlx::query("SELECT pg_notify($1, '')")
