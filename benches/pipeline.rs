@@ -14,8 +14,9 @@
 //! PIPELINE_PUSHES (pushes per run, default 20000; two per update), PIPELINE_PACED_RATE (pushes/s
 //! of the paced run instead of half the measured rate, to compare changes), PIPELINE_USERS (default
 //! 1000, each with an iPhone and an Android phone), PIPELINE_APPENDERS (concurrent appenders,
-//! default 512: many services publishing at once, enough that appends are not capped by one commit's round trip), PIPELINE_ENGINES (`sqlite,postgres`), PIPELINE_ONLY=apart (only the append and
-//! dispatch stages measured apart, for profiling), PIPELINE_PERF_CTL (the control FIFO of
+//! default 512: many services publishing at once, enough that appends are not capped by one
+//! commit's round trip), PIPELINE_ENGINES (`sqlite,postgres`), PIPELINE_ONLY=apart (only the
+//! append and dispatch stages measured apart, for profiling), PIPELINE_PERF_CTL (the control FIFO of
 //! `perf record --control=fifo:FIFO -D -1`: only the full-load run is recorded),
 //! HERALD_TEST_DATABASE_URL (default
 //! postgres://postgres@127.0.0.1:5432/postgres).
