@@ -264,6 +264,73 @@ impl TryFrom<DueRow> for DueDelivery {
     }
 }
 
+/// The deliveries a claim just took (`$1`: its lease owner), with their updates and devices.
+pub(super) const CLAIMED_ROWS: &str = "SELECT d.update_id, d.device_id, d.user_id, d.attempts, v.platform, v.token, \
+     v.environment, v.app_id, u.seq, u.type AS kind, u.tracking_id, u.status AS update_status, u.data, \
+     u.notification, u.created_at \
+     FROM deliveries d JOIN updates u ON u.id = d.update_id JOIN devices v ON v.id = d.device_id \
+     WHERE d.status = 'sending' AND d.lease_owner = $1 ORDER BY u.created_at";
+
+/// One claimed delivery as the SQLite claim's JSON row carries it (ids in hex, times in
+/// RFC 3339, as they are stored).
+type JsonDue = (
+    String,
+    String,
+    String,
+    i32,
+    String,
+    String,
+    Option<String>,
+    String,
+    i64,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<serde_json::Value>,
+    Option<crate::jobs::Notification>,
+    String,
+);
+
+/// Claimed deliveries out of a JSON array of [`JsonDue`] rows.
+pub(super) fn due_from_json(json: &str) -> Result<Vec<DueDelivery>, StoreError> {
+    let corrupt =
+        |what: &str, e: &dyn std::fmt::Display| StoreError::Corrupt(format!("claimed {what}: {e}"));
+    let uuid = |hex: &str| Uuid::parse_str(hex).map_err(|e| corrupt("id", &e));
+    let rows: Vec<JsonDue> = serde_json::from_str(json).map_err(|e| corrupt("rows", &e))?;
+    rows.into_iter()
+        .map(|row| {
+            let (update_id, device_id, user_id, attempts, platform, token, environment, app_id) =
+                (row.0, row.1, row.2, row.3, row.4, row.5, row.6, row.7);
+            let (seq, kind, tracking_id, status, data, notification, created_at) =
+                (row.8, row.9, row.10, row.11, row.12, row.13, row.14);
+            let platform = Platform::parse(&platform)
+                .ok_or_else(|| StoreError::Corrupt(format!("device platform {platform:?}")))?;
+            let created_at = DateTime::parse_from_rfc3339(&created_at)
+                .map_err(|e| corrupt("created_at", &e))?
+                .with_timezone(&Utc);
+            Ok(DueDelivery {
+                update: Update {
+                    seq,
+                    id: uuid(&update_id)?,
+                    kind,
+                    tracking_id: tracking_id.as_deref().map(uuid).transpose()?,
+                    status,
+                    data,
+                    notification,
+                    created_at,
+                },
+                user_id,
+                device_id: uuid(&device_id)?,
+                platform,
+                token,
+                environment: environment.as_deref().and_then(ApnsEnvironment::parse),
+                app_id,
+                attempt: attempts,
+            })
+        })
+        .collect()
+}
+
 /// Rows per statement when recording a batch: the largest power of two up to `left` (at most
 /// 256), so a handful of statement shapes cover every batch and stay prepared.
 pub(super) fn chunk_len(left: usize) -> usize {
@@ -317,18 +384,9 @@ macro_rules! impl_outbox {
                 .bind(max)
                 .execute(&mut *tx)
                 .await?;
-                let rows: Vec<super::outbox::DueRow> = sqlx::query_as(
-                    "SELECT d.update_id, d.device_id, d.user_id, d.attempts, v.platform, v.token, v.environment, \
-                     v.app_id, u.seq, u.type AS kind, u.tracking_id, u.status AS update_status, u.data, \
-                     u.notification, u.created_at \
-                     FROM deliveries d JOIN updates u ON u.id = d.update_id JOIN devices v ON v.id = d.device_id \
-                     WHERE d.status = 'sending' AND d.lease_owner = $1 ORDER BY u.created_at",
-                )
-                .bind(&token)
-                .fetch_all(&mut *tx)
-                .await?;
+                let claimed = Self::claimed_deliveries(&mut tx, &token).await?;
                 tx.commit().await?;
-                rows.into_iter().map(TryInto::try_into).collect()
+                Ok(claimed)
             }
 
             async fn record_deliveries(

@@ -262,6 +262,18 @@ impl PgStore {
         Ok(Some(super::Appended { updates, claimed }))
     }
 
+    /// The deliveries a claim under `owner` just took.
+    async fn claimed_deliveries(
+        tx: &mut Transaction<'_, Postgres>,
+        owner: &str,
+    ) -> Result<Vec<super::DueDelivery>, StoreError> {
+        let rows: Vec<super::outbox::DueRow> = sqlx::query_as(super::outbox::CLAIMED_ROWS)
+            .bind(owner)
+            .fetch_all(&mut **tx)
+            .await?;
+        rows.into_iter().map(TryInto::try_into).collect()
+    }
+
     /// Move each user's counter on by its count; the new values come back.
     async fn bump_counters(
         tx: &mut Transaction<'_, Postgres>,
