@@ -112,7 +112,7 @@ macro_rules! impl_append {
                     // The devices the outbox rows were just written for (same transaction, so the
                     // same set), read by user: no row per delivery comes back from the insert.
                     let users: Vec<&str> = of_user.keys().copied().collect();
-                    let mut devices: HashMap<String, Vec<super::outbox::DeviceRow>> = HashMap::new();
+                    let mut devices: HashMap<String, Vec<super::claimed::DeviceRow>> = HashMap::new();
                     for chunk in super::outbox::chunked(&users) {
                         let found = Self::active_devices(tx, chunk).await?;
                         for (id, platform, token, environment, app_id, user) in found {
@@ -121,7 +121,7 @@ macro_rules! impl_append {
                     }
                     for (user, update) in &rows {
                         for device in devices.get(*user).into_iter().flatten() {
-                            claimed.push(super::outbox::handed_off(update, user, device)?);
+                            claimed.push(super::claimed::handed_off(update, user, device)?);
                         }
                     }
                 }

@@ -20,6 +20,7 @@ use crate::jobs::{
 use crate::updates::Update;
 
 mod append;
+mod claimed;
 pub mod group_commit;
 #[macro_use]
 mod rows;

@@ -223,7 +223,7 @@ impl PgStore {
         .fetch_all(&self.pool)
         .await?;
         let mut seqs: std::collections::HashMap<uuid::Uuid, i64> = std::collections::HashMap::new();
-        let mut devices: Vec<(uuid::Uuid, super::outbox::DeviceRow)> = Vec::new();
+        let mut devices: Vec<(uuid::Uuid, super::claimed::DeviceRow)> = Vec::new();
         for (update_id, seq, device, platform, token, environment, app_id) in rows {
             seqs.insert(update_id, seq);
             if let (Some(device), Some(platform), Some(token), Some(app_id)) =
@@ -256,7 +256,7 @@ impl PgStore {
                         "a handed-off delivery lost its update".into(),
                     ));
                 };
-                claimed.push(super::outbox::handed_off(update, user, device)?);
+                claimed.push(super::claimed::handed_off(update, user, device)?);
             }
         }
         Ok(Some(super::Appended { updates, claimed }))
@@ -267,7 +267,7 @@ impl PgStore {
         tx: &mut Transaction<'_, Postgres>,
         owner: &str,
     ) -> Result<Vec<super::DueDelivery>, StoreError> {
-        let rows: Vec<super::outbox::DueRow> = sqlx::query_as(super::outbox::CLAIMED_ROWS)
+        let rows: Vec<super::claimed::DueRow> = sqlx::query_as(super::claimed::CLAIMED_ROWS)
             .bind(owner)
             .fetch_all(&mut **tx)
             .await?;
@@ -295,7 +295,7 @@ impl PgStore {
     async fn active_devices(
         tx: &mut Transaction<'_, Postgres>,
         users: &[&str],
-    ) -> Result<Vec<super::outbox::UserDeviceRow>, StoreError> {
+    ) -> Result<Vec<super::claimed::UserDeviceRow>, StoreError> {
         let mut query = sqlx::QueryBuilder::<Postgres>::new(
             "SELECT id, platform, token, environment, app_id, user_id FROM devices \
              WHERE status = 'active' AND user_id IN (",

@@ -138,7 +138,7 @@ impl SqliteStore {
         .bind(owner)
         .fetch_one(&mut **tx)
         .await?;
-        super::outbox::due_from_json(&json)
+        super::claimed::due_from_json(&json)
     }
 
     /// Move each user's counter on by its count; the new values come back in one JSON row,
@@ -173,7 +173,7 @@ impl SqliteStore {
     async fn active_devices(
         tx: &mut Transaction<'_, Sqlite>,
         users: &[&str],
-    ) -> Result<Vec<super::outbox::UserDeviceRow>, StoreError> {
+    ) -> Result<Vec<super::claimed::UserDeviceRow>, StoreError> {
         let mut query = sqlx::QueryBuilder::<Sqlite>::new(
             "SELECT json_group_array(json_array(hex(id), platform, token, environment, app_id, user_id)) \
              FROM devices WHERE status = 'active' AND user_id IN (",

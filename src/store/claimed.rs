@@ -1,0 +1,151 @@
+//! Claimed deliveries as the store builds them: read back after a claim (rows on PostgreSQL,
+//! one JSON row on SQLite) or handed off by an append.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::StoreError;
+use super::outbox::DueDelivery;
+use crate::devices::{ApnsEnvironment, Platform};
+use crate::updates::Update;
+
+/// A device as a claimed delivery needs it: id, platform, token, environment, app.
+pub(super) type DeviceRow = (Uuid, String, String, Option<String>, String);
+
+/// A [`DeviceRow`] and its user.
+pub(super) type UserDeviceRow = (Uuid, String, String, Option<String>, String, String);
+
+/// The claimed delivery of `update` to `device`, first attempt.
+pub(super) fn handed_off(
+    update: &Update,
+    user_id: &str,
+    device: &DeviceRow,
+) -> Result<DueDelivery, StoreError> {
+    let (id, platform, token, environment, app_id) = device;
+    let platform = Platform::parse(platform)
+        .ok_or_else(|| StoreError::Corrupt(format!("device platform {platform:?}")))?;
+    Ok(DueDelivery {
+        update: update.clone(),
+        user_id: user_id.to_string(),
+        device_id: *id,
+        platform,
+        token: token.clone(),
+        environment: environment.as_deref().and_then(ApnsEnvironment::parse),
+        app_id: app_id.clone(),
+        attempt: 1,
+    })
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct DueRow {
+    update_id: Uuid,
+    device_id: Uuid,
+    user_id: String,
+    attempts: i32,
+    platform: String,
+    token: String,
+    environment: Option<String>,
+    app_id: String,
+    seq: i64,
+    kind: String,
+    tracking_id: Option<Uuid>,
+    update_status: Option<String>,
+    data: Option<sqlx::types::Json<serde_json::Value>>,
+    notification: Option<sqlx::types::Json<crate::jobs::Notification>>,
+    created_at: DateTime<Utc>,
+}
+
+impl TryFrom<DueRow> for DueDelivery {
+    type Error = StoreError;
+
+    fn try_from(row: DueRow) -> Result<Self, StoreError> {
+        let platform = Platform::parse(&row.platform)
+            .ok_or_else(|| StoreError::Corrupt(format!("device platform {:?}", row.platform)))?;
+        Ok(DueDelivery {
+            update: Update {
+                seq: row.seq,
+                id: row.update_id,
+                kind: row.kind,
+                tracking_id: row.tracking_id,
+                status: row.update_status,
+                data: row.data.map(|j| j.0),
+                notification: row.notification.map(|j| j.0),
+                created_at: row.created_at,
+            },
+            user_id: row.user_id,
+            device_id: row.device_id,
+            platform,
+            token: row.token,
+            environment: row.environment.as_deref().and_then(ApnsEnvironment::parse),
+            app_id: row.app_id,
+            attempt: row.attempts,
+        })
+    }
+}
+
+/// The deliveries a claim just took (`$1`: its lease owner), with their updates and devices.
+pub(super) const CLAIMED_ROWS: &str = "SELECT d.update_id, d.device_id, d.user_id, d.attempts, v.platform, v.token, \
+     v.environment, v.app_id, u.seq, u.type AS kind, u.tracking_id, u.status AS update_status, u.data, \
+     u.notification, u.created_at \
+     FROM deliveries d JOIN updates u ON u.id = d.update_id JOIN devices v ON v.id = d.device_id \
+     WHERE d.status = 'sending' AND d.lease_owner = $1 ORDER BY u.created_at";
+
+/// One claimed delivery as the SQLite claim's JSON row carries it (ids in hex, times in
+/// RFC 3339, as they are stored).
+type JsonDue = (
+    String,
+    String,
+    String,
+    i32,
+    String,
+    String,
+    Option<String>,
+    String,
+    i64,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<serde_json::Value>,
+    Option<crate::jobs::Notification>,
+    String,
+);
+
+/// Claimed deliveries out of a JSON array of [`JsonDue`] rows.
+pub(super) fn due_from_json(json: &str) -> Result<Vec<DueDelivery>, StoreError> {
+    let corrupt =
+        |what: &str, e: &dyn std::fmt::Display| StoreError::Corrupt(format!("claimed {what}: {e}"));
+    let uuid = |hex: &str| Uuid::parse_str(hex).map_err(|e| corrupt("id", &e));
+    let rows: Vec<JsonDue> = serde_json::from_str(json).map_err(|e| corrupt("rows", &e))?;
+    rows.into_iter()
+        .map(|row| {
+            let (update_id, device_id, user_id, attempts, platform, token, environment, app_id) =
+                (row.0, row.1, row.2, row.3, row.4, row.5, row.6, row.7);
+            let (seq, kind, tracking_id, status, data, notification, created_at) =
+                (row.8, row.9, row.10, row.11, row.12, row.13, row.14);
+            let platform = Platform::parse(&platform)
+                .ok_or_else(|| StoreError::Corrupt(format!("device platform {platform:?}")))?;
+            let created_at = DateTime::parse_from_rfc3339(&created_at)
+                .map_err(|e| corrupt("created_at", &e))?
+                .with_timezone(&Utc);
+            Ok(DueDelivery {
+                update: Update {
+                    seq,
+                    id: uuid(&update_id)?,
+                    kind,
+                    tracking_id: tracking_id.as_deref().map(uuid).transpose()?,
+                    status,
+                    data,
+                    notification,
+                    created_at,
+                },
+                user_id,
+                device_id: uuid(&device_id)?,
+                platform,
+                token,
+                environment: environment.as_deref().and_then(ApnsEnvironment::parse),
+                app_id,
+                attempt: attempts,
+            })
+        })
+        .collect()
+}
