@@ -15,25 +15,35 @@ pub(super) type DeviceRow = (Uuid, String, String, Option<String>, String);
 /// A [`DeviceRow`] and its user.
 pub(super) type UserDeviceRow = (Uuid, String, String, Option<String>, String, String);
 
+/// The delivery of `update` to the device `(id, platform, token, environment, app)` as
+/// stored, at `attempt`.
+fn due(
+    update: Update,
+    user_id: String,
+    (device_id, platform, token, environment, app_id): DeviceRow,
+    attempt: i32,
+) -> Result<DueDelivery, StoreError> {
+    let platform = Platform::parse(&platform)
+        .ok_or_else(|| StoreError::Corrupt(format!("device platform {platform:?}")))?;
+    Ok(DueDelivery {
+        update,
+        user_id,
+        device_id,
+        platform,
+        token,
+        environment: environment.as_deref().and_then(ApnsEnvironment::parse),
+        app_id,
+        attempt,
+    })
+}
+
 /// The claimed delivery of `update` to `device`, first attempt.
 pub(super) fn handed_off(
     update: &Update,
     user_id: &str,
     device: &DeviceRow,
 ) -> Result<DueDelivery, StoreError> {
-    let (id, platform, token, environment, app_id) = device;
-    let platform = Platform::parse(platform)
-        .ok_or_else(|| StoreError::Corrupt(format!("device platform {platform:?}")))?;
-    Ok(DueDelivery {
-        update: update.clone(),
-        user_id: user_id.to_string(),
-        device_id: *id,
-        platform,
-        token: token.clone(),
-        environment: environment.as_deref().and_then(ApnsEnvironment::parse),
-        app_id: app_id.clone(),
-        attempt: 1,
-    })
+    due(update.clone(), user_id.to_string(), device.clone(), 1)
 }
 
 #[derive(Debug, sqlx::FromRow)]
@@ -59,27 +69,24 @@ impl TryFrom<DueRow> for DueDelivery {
     type Error = StoreError;
 
     fn try_from(row: DueRow) -> Result<Self, StoreError> {
-        let platform = Platform::parse(&row.platform)
-            .ok_or_else(|| StoreError::Corrupt(format!("device platform {:?}", row.platform)))?;
-        Ok(DueDelivery {
-            update: Update {
-                seq: row.seq,
-                id: row.update_id,
-                kind: row.kind,
-                tracking_id: row.tracking_id,
-                status: row.update_status,
-                data: row.data.map(|j| j.0),
-                notification: row.notification.map(|j| j.0),
-                created_at: row.created_at,
-            },
-            user_id: row.user_id,
-            device_id: row.device_id,
-            platform,
-            token: row.token,
-            environment: row.environment.as_deref().and_then(ApnsEnvironment::parse),
-            app_id: row.app_id,
-            attempt: row.attempts,
-        })
+        let update = Update {
+            seq: row.seq,
+            id: row.update_id,
+            kind: row.kind,
+            tracking_id: row.tracking_id,
+            status: row.update_status,
+            data: row.data.map(|j| j.0),
+            notification: row.notification.map(|j| j.0),
+            created_at: row.created_at,
+        };
+        let device = (
+            row.device_id,
+            row.platform,
+            row.token,
+            row.environment,
+            row.app_id,
+        );
+        due(update, row.user_id, device, row.attempts)
     }
 }
 
@@ -122,30 +129,20 @@ pub(super) fn due_from_json(json: &str) -> Result<Vec<DueDelivery>, StoreError> 
                 (row.0, row.1, row.2, row.3, row.4, row.5, row.6, row.7);
             let (seq, kind, tracking_id, status, data, notification, created_at) =
                 (row.8, row.9, row.10, row.11, row.12, row.13, row.14);
-            let platform = Platform::parse(&platform)
-                .ok_or_else(|| StoreError::Corrupt(format!("device platform {platform:?}")))?;
-            let created_at = DateTime::parse_from_rfc3339(&created_at)
-                .map_err(|e| corrupt("created_at", &e))?
-                .with_timezone(&Utc);
-            Ok(DueDelivery {
-                update: Update {
-                    seq,
-                    id: uuid(&update_id)?,
-                    kind,
-                    tracking_id: tracking_id.as_deref().map(uuid).transpose()?,
-                    status,
-                    data,
-                    notification,
-                    created_at,
-                },
-                user_id,
-                device_id: uuid(&device_id)?,
-                platform,
-                token,
-                environment: environment.as_deref().and_then(ApnsEnvironment::parse),
-                app_id,
-                attempt: attempts,
-            })
+            let update = Update {
+                seq,
+                id: uuid(&update_id)?,
+                kind,
+                tracking_id: tracking_id.as_deref().map(uuid).transpose()?,
+                status,
+                data,
+                notification,
+                created_at: DateTime::parse_from_rfc3339(&created_at)
+                    .map_err(|e| corrupt("created_at", &e))?
+                    .with_timezone(&Utc),
+            };
+            let device = (uuid(&device_id)?, platform, token, environment, app_id);
+            due(update, user_id, device, attempts)
         })
         .collect()
 }
