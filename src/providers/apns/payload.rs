@@ -74,8 +74,9 @@ struct Aps<'a> {
 #[derive(Serialize, Debug)]
 struct HeraldPayload<'a> {
     aps: Aps<'a>,
+    /// Borrowed: serialised in place rather than cloned per push.
     #[serde(flatten)]
-    data: Map<String, Value>,
+    data: &'a Map<String, Value>,
     #[serde(skip)]
     options: NotificationOptions<'a>,
 }
@@ -109,7 +110,8 @@ pub fn build_payload(spec: &PayloadSpec<'_>) -> Result<Bytes, PayloadError> {
     if aps.mutable_content == Some(0) {
         aps.mutable_content = None;
     }
-    let data = spec.data.cloned().unwrap_or_default();
+    let empty = Map::new();
+    let data = spec.data.unwrap_or(&empty);
     if data.contains_key("aps") {
         return Err(PayloadError::ReservedKey);
     }
