@@ -275,6 +275,16 @@ async fn recorded_outcomes_are_fenced_by_attempt(engine: Engine) {
         !pushed(&list, devices[2]),
         "failures never touch lastPushAt"
     );
+    // A batch of Sent alone (PostgreSQL's one-statement path) is fenced the same way.
+    store
+        .record_deliveries(&[result(devices[0], 1, sent())])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.pending_deliveries().await.unwrap(),
+        1,
+        "stale Sent alone"
+    );
     store
         .record_deliveries(&[result(devices[0], 2, sent())])
         .await
@@ -403,7 +413,103 @@ async fn handed_off_deliveries_are_claimed_until_their_lease_ends(engine: Engine
     assert!(again.iter().all(|d| d.attempt == 2));
 }
 
+fn shipped() -> herald::updates::NewUpdate {
+    herald::updates::NewUpdate {
+        kind: "order.shipped".into(),
+        tracking_id: None,
+        status: None,
+        data: None,
+        notification: None,
+    }
+}
+
+/// A device's deliveries go with it, and old updates' deliveries go with them in the purge
+/// (explicit deletes: PostgreSQL keeps no foreign keys on deliveries).
+async fn deliveries_leave_with_their_device_and_their_update(engine: Engine) {
+    let (_db, store) = open(engine).await;
+    let phone = store
+        .upsert_device("alice", &apns(60))
+        .await
+        .unwrap()
+        .device
+        .id;
+    store.upsert_device("alice", &apns(61)).await.unwrap();
+    store
+        .append_events(&[("alice".to_string(), shipped())], None)
+        .await
+        .unwrap();
+    assert_eq!(store.pending_deliveries().await.unwrap(), 2);
+    assert!(!store.delete_device("mallory", phone).await.unwrap());
+    assert_eq!(
+        store.pending_deliveries().await.unwrap(),
+        2,
+        "another user's delete changes nothing"
+    );
+    assert!(store.delete_device("alice", phone).await.unwrap());
+    assert_eq!(store.pending_deliveries().await.unwrap(), 1);
+    let claimed = store
+        .claim_deliveries(10, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_ne!(claimed[0].device_id, phone);
+    // The purge takes the update and its remaining (in-flight) delivery.
+    assert_eq!(
+        store
+            .purge(Utc::now() + chrono::Duration::seconds(1))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(store.pending_deliveries().await.unwrap(), 0);
+}
+
+/// A delivery left behind by a device deleted while its update was being appended (possible on
+/// PostgreSQL, which keeps no foreign key to devices) is dropped by the claim, not leased again
+/// and again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_claim_drops_deliveries_of_deleted_devices() {
+    let (db, store) = open(Engine::Postgres).await;
+    store.upsert_device("alice", &apns(62)).await.unwrap();
+    store
+        .append_events(&[("alice".to_string(), shipped())], None)
+        .await
+        .unwrap();
+    let raw = sqlx::PgPool::connect(&db.url).await.unwrap();
+    // What the append of a racing delete leaves: a delivery whose device row is gone.
+    let orphans = sqlx::query(
+        "INSERT INTO deliveries (update_id, device_id, user_id, status, attempts, next_attempt_at, \
+         created_at, updated_at) SELECT update_id, $1, user_id, 'pending', 0, next_attempt_at, created_at, \
+         updated_at FROM deliveries",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .execute(&raw)
+    .await
+    .unwrap();
+    assert_eq!(orphans.rows_affected(), 1);
+    assert_eq!(store.pending_deliveries().await.unwrap(), 2);
+    let claimed = store
+        .claim_deliveries(10, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1, "only the delivery whose device exists");
+    let dropped: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM deliveries WHERE status = 'dropped' AND last_error = 'device deleted'",
+    )
+    .fetch_one(&raw)
+    .await
+    .unwrap();
+    assert_eq!(dropped, 1);
+    assert_eq!(
+        store.pending_deliveries().await.unwrap(),
+        1,
+        "the one in flight"
+    );
+    raw.close().await;
+}
+
 both_engines!(
+    deliveries_leave_with_their_device_and_their_update,
     handed_off_deliveries_are_claimed_until_their_lease_ends,
     batched_appends_number_each_users_log_in_order,
     group_commit_keeps_order_and_idempotency,

@@ -243,6 +243,18 @@ macro_rules! impl_outbox {
                 .bind(max)
                 .execute(&mut *tx)
                 .await?;
+                // A device deleted while its update was being appended leaves deliveries behind
+                // where no foreign key stops it (PostgreSQL): they have nowhere to go.
+                if !Self::DELIVERY_FOREIGN_KEYS {
+                    sqlx::query(
+                        "UPDATE deliveries SET status = 'dropped', last_error = 'device deleted', lease_owner = NULL, \
+                         lease_expires_at = NULL WHERE lease_owner = $1 AND status = 'sending' \
+                         AND NOT EXISTS (SELECT 1 FROM devices v WHERE v.id = deliveries.device_id)",
+                    )
+                    .bind(&token)
+                    .execute(&mut *tx)
+                    .await?;
+                }
                 let claimed = Self::claimed_deliveries(&mut tx, &token).await?;
                 tx.commit().await?;
                 Ok(claimed)
@@ -257,6 +269,9 @@ macro_rules! impl_outbox {
                     return Ok(());
                 }
                 let now = chrono::Utc::now();
+                if self.record_sent_at_once(results, now).await? {
+                    return Ok(());
+                }
                 let mut tx = self.writer().begin().await?;
                 // Sent, nearly every outcome, is written a chunk of rows per statement; each row
                 // is still fenced: only the attempt that was claimed may write its outcome.
@@ -473,12 +488,21 @@ macro_rules! impl_outbox {
             }
 
             async fn purge(&self, before: chrono::DateTime<chrono::Utc>) -> Result<u64, super::StoreError> {
-                // Deliveries, finished or not, go with their update (ON DELETE CASCADE).
+                // Deliveries, finished or not, go with their update (explicitly: PostgreSQL keeps
+                // no foreign key from deliveries to updates).
+                let mut tx = self.writer().begin().await?;
+                sqlx::query(
+                    "DELETE FROM deliveries WHERE update_id IN (SELECT id FROM updates WHERE created_at < $1)",
+                )
+                .bind(before)
+                .execute(&mut *tx)
+                .await?;
                 let updates = sqlx::query("DELETE FROM updates WHERE created_at < $1")
                     .bind(before)
-                    .execute(self.writer())
+                    .execute(&mut *tx)
                     .await?
                     .rows_affected();
+                tx.commit().await?;
                 Ok(updates)
             }
 

@@ -63,6 +63,10 @@ impl PgStore {
         &self.pool
     }
 
+    /// No foreign keys on deliveries (migration 0005): their checks cost a fifth of the
+    /// server's CPU per push.
+    const DELIVERY_FOREIGN_KEYS: bool = false;
+
     fn migrator() -> &'static sqlx::migrate::Migrator {
         &MIGRATOR
     }
@@ -197,12 +201,15 @@ impl PgStore {
              FROM ev JOIN bumped b USING (user_id) JOIN counts c USING (user_id)), \
              inserted AS (INSERT INTO updates (id, user_id, seq, type, tracking_id, status, data, notification, created_at) \
              SELECT id, user_id, seq, type, tracking_id, status, data, notification, $8 FROM numbered RETURNING id, user_id, seq), \
+             targets AS (SELECT i.id AS update_id, v.* FROM inserted i CROSS JOIN LATERAL \
+             (SELECT id, user_id, platform, token, environment, app_id FROM devices \
+             WHERE user_id = i.user_id AND status = 'active' OFFSET 0) v), \
              outbox AS (INSERT INTO deliveries (update_id, device_id, user_id, status, attempts, lease_owner, lease_expires_at, \
-             next_attempt_at, created_at, updated_at) SELECT i.id, v.id, v.user_id, $10, $11, $12::text, $13::timestamptz, $8, $8, $8 \
-             FROM inserted i JOIN devices v ON v.user_id = i.user_id AND v.status = 'active' RETURNING update_id, device_id), \
+             next_attempt_at, created_at, updated_at) SELECT update_id, id, user_id, $10, $11, $12::text, $13::timestamptz, $8, $8, $8 \
+             FROM targets), \
              announce AS (SELECT CASE WHEN $14 THEN pg_notify($9, '') END AS notified) \
-             SELECT i.id, i.seq, o.device_id, v.platform, v.token, v.environment, v.app_id \
-             FROM inserted i LEFT JOIN outbox o ON o.update_id = i.id LEFT JOIN devices v ON v.id = o.device_id \
+             SELECT i.id, i.seq, t.id, t.platform, t.token, t.environment, t.app_id \
+             FROM inserted i LEFT JOIN targets t ON t.update_id = i.id \
              CROSS JOIN announce",
         )
         .bind(&ids)
@@ -260,6 +267,53 @@ impl PgStore {
             }
         }
         Ok(Some(super::Appended { updates, claimed }))
+    }
+
+    /// A batch of outcomes that are all Sent (nearly every batch) recorded in one
+    /// autocommitted statement over arrays: one round trip instead of four, and one statement
+    /// text whatever the batch size, so it is planned once rather than per VALUES length.
+    /// Each row is fenced by its attempt as in the general path; every device pushed to is
+    /// touched whether or not its fence held. False when the batch holds another outcome.
+    async fn record_sent_at_once(
+        &self,
+        results: &[super::DeliveryResult],
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let mut updates = Vec::with_capacity(results.len());
+        let mut devices = Vec::with_capacity(results.len());
+        let mut attempts = Vec::with_capacity(results.len());
+        let mut provider_ids = Vec::with_capacity(results.len());
+        for r in results {
+            let super::DeliveryOutcome::Sent { provider_id } = &r.outcome else {
+                return Ok(false);
+            };
+            updates.push(r.update_id);
+            devices.push(r.device_id);
+            attempts.push(r.attempt);
+            provider_ids.push(provider_id.as_deref());
+        }
+        // Locked in one order by every recorder of the cluster: no deadlock between nodes.
+        let mut touched = devices.clone();
+        touched.sort_unstable();
+        touched.dedup();
+        sqlx::query(
+            "WITH b AS (SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int[], $4::text[]) \
+             AS t(update_id, device_id, attempt, provider_id)), \
+             sent AS (UPDATE deliveries d SET status = 'sent', provider_id = b.provider_id, updated_at = $5, \
+             lease_owner = NULL, lease_expires_at = NULL FROM b WHERE d.update_id = b.update_id \
+             AND d.device_id = b.device_id AND d.status = 'sending' AND d.attempts = b.attempt), \
+             touched AS (UPDATE devices SET last_push_at = $5 WHERE id = ANY($6::uuid[])) \
+             SELECT 1",
+        )
+        .bind(&updates)
+        .bind(&devices)
+        .bind(&attempts)
+        .bind(&provider_ids)
+        .bind(now)
+        .bind(&touched)
+        .execute(&self.pool)
+        .await?;
+        Ok(true)
     }
 
     /// The deliveries a claim under `owner` just took.

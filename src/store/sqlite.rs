@@ -71,6 +71,9 @@ impl SqliteStore {
         &self.reader
     }
 
+    /// Deliveries keep their foreign keys here: a check is an in-process index lookup.
+    const DELIVERY_FOREIGN_KEYS: bool = true;
+
     fn migrator() -> &'static sqlx::migrate::Migrator {
         &MIGRATOR
     }
@@ -118,6 +121,15 @@ impl SqliteStore {
         _handoff: Option<&super::Handoff>,
     ) -> Result<Option<super::Appended>, StoreError> {
         Ok(None)
+    }
+
+    /// Statements in a transaction cost no round trips in-process: no single-statement path.
+    async fn record_sent_at_once(
+        &self,
+        _results: &[super::DeliveryResult],
+        _now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        Ok(false)
     }
 
     /// The deliveries a claim under `owner` just took, oldest update first, in one JSON row
