@@ -99,6 +99,28 @@ fn cpu_time() -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
+/// CPU time (user + system, all processes) the whole machine has used so far, from the first
+/// line of /proc/stat in clock ticks (10 ms); zero where that is unavailable. Less this
+/// process's own, it is what the PostgreSQL server (and anything else running) used.
+fn machine_cpu_time() -> Duration {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return Duration::ZERO;
+    };
+    let Some(cpu) = stat.lines().next() else {
+        return Duration::ZERO;
+    };
+    // cpu user nice system idle iowait irq softirq steal: all but idle and iowait.
+    let ticks: u64 = cpu
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .filter_map(|(_, t)| t.parse::<u64>().ok())
+        .sum();
+    Duration::from_millis(ticks * 10)
+}
+
 #[derive(Clone, Copy)]
 struct Params {
     /// Pushes per run (two per update).
@@ -280,6 +302,8 @@ struct Run {
     appended: Duration,
     elapsed: Duration,
     cpu_per_push: Duration,
+    /// CPU per push of every other process (the PostgreSQL server), when measured.
+    others_per_push: Duration,
     p50: Duration,
     p99: Duration,
     max: Duration,
@@ -319,7 +343,7 @@ async fn full_load(
     if profiled {
         perf_control("enable");
     }
-    let cpu = cpu_time();
+    let (cpu, machine) = (cpu_time(), machine_cpu_time());
     let start = Instant::now();
     flood(&running.node.events, p, &commits).await;
     let appended = start.elapsed();
@@ -329,7 +353,13 @@ async fn full_load(
         perf_control("disable");
     }
     let cpu = cpu_time().saturating_sub(cpu);
-    finish(fakes, &commits, elapsed, appended, cpu)
+    let others = machine_cpu_time()
+        .saturating_sub(machine)
+        .saturating_sub(cpu);
+    Run {
+        others_per_push: others / p.pushes as u32,
+        ..finish(fakes, &commits, elapsed, appended, cpu)
+    }
 }
 
 /// Appends at `updates_per_sec` from an open-loop pacer, then waits for every outcome.
@@ -419,6 +449,7 @@ fn finish(
         appended,
         elapsed,
         cpu_per_push: cpu / pushes as u32,
+        others_per_push: Duration::ZERO,
         p50: at(0.50),
         p99: at(0.99),
         max: latencies[latencies.len() - 1],
@@ -776,12 +807,14 @@ async fn bench_engine(engine: &str, url: &str, p: Params) {
     );
     println!(
         "  {engine}: full load: {} pushes in {:.2} s (appends done at {:.2} s), {:.0} us CPU/push \
-         (raw {:.0} us); raw runs {raw_before:.0}/s and {raw_after:.0}/s; latency max {:.1} ms",
+         (raw {:.0} us) and {:.0} us in other processes (the database server, if any); raw runs \
+         {raw_before:.0}/s and {raw_after:.0}/s; latency max {:.1} ms",
         p.pushes,
         full.elapsed.as_secs_f64(),
         full.appended.as_secs_f64(),
         us(full.cpu_per_push),
         us(raw_cpu),
+        us(full.others_per_push),
         ms(full.max),
     );
     println!(
