@@ -368,13 +368,7 @@ async fn handed_off_deliveries_are_claimed_until_their_lease_ends(engine: Engine
         .unwrap()
         .device
         .id;
-    let event = herald::updates::NewUpdate {
-        kind: "order.shipped".into(),
-        tracking_id: None,
-        status: None,
-        data: None,
-        notification: None,
-    };
+    let event = shipped();
     let handoff = Handoff {
         owner: "node-a".into(),
         until: Utc::now() - chrono::Duration::seconds(1),

@@ -303,3 +303,10 @@ impl From<UpdateRow> for Update {
         }
     }
 }
+
+/// What was still to be sent to a device that is going away. On PostgreSQL, which keeps no
+/// foreign keys on deliveries and indexes them by device only while open (migrations 0005 and
+/// 0006), its finished deliveries stay until the purge takes them with their updates; SQLite's
+/// cascade removes those too.
+pub(super) const DELETE_OPEN_DELIVERIES: &str =
+    "DELETE FROM deliveries WHERE device_id = $1 AND status IN ('pending', 'sending')";

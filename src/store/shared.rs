@@ -40,7 +40,7 @@ macro_rules! impl_store {
                         if let Some((id, _)) = other {
                             // The token moved to another user: the old owner's record (and
                             // anything queued for it) goes, so nothing of theirs reaches the new one.
-                            sqlx::query("DELETE FROM deliveries WHERE device_id = $1").bind(id).execute(&mut *tx).await?;
+                            sqlx::query(rows::DELETE_OPEN_DELIVERIES).bind(id).execute(&mut *tx).await?;
                             sqlx::query("DELETE FROM devices WHERE id = $1").bind(id).execute(&mut *tx).await?;
                         }
                         let row: rows::DeviceRow = sqlx::query_as(rows::INSERT_DEVICE)
@@ -135,17 +135,16 @@ macro_rules! impl_store {
             }
 
             async fn delete_device(&self, user_id: &str, id: uuid::Uuid) -> Result<bool, super::StoreError> {
-                // Its deliveries go with it (PostgreSQL keeps no foreign key from deliveries to
-                // devices, see its migration 0005).
                 let mut tx = self.writer().begin().await?;
-                sqlx::query(
-                    "DELETE FROM deliveries WHERE device_id = $1 \
-                     AND EXISTS (SELECT 1 FROM devices WHERE id = $1 AND user_id = $2)",
-                )
-                .bind(id)
-                .bind(user_id)
-                .execute(&mut *tx)
-                .await?;
+                let owned: Option<uuid::Uuid> =
+                    sqlx::query_scalar("SELECT id FROM devices WHERE id = $1 AND user_id = $2")
+                        .bind(id)
+                        .bind(user_id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                if owned.is_some() {
+                    sqlx::query(rows::DELETE_OPEN_DELIVERIES).bind(id).execute(&mut *tx).await?;
+                }
                 let done = sqlx::query("DELETE FROM devices WHERE id = $1 AND user_id = $2")
                     .bind(id)
                     .bind(user_id)
