@@ -136,22 +136,19 @@ macro_rules! impl_store {
 
             async fn delete_device(&self, user_id: &str, id: uuid::Uuid) -> Result<bool, super::StoreError> {
                 let mut tx = self.writer().begin().await?;
-                let owned: Option<uuid::Uuid> =
-                    sqlx::query_scalar("SELECT id FROM devices WHERE id = $1 AND user_id = $2")
-                        .bind(id)
-                        .bind(user_id)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                if owned.is_some() {
-                    sqlx::query(rows::DELETE_OPEN_DELIVERIES).bind(id).execute(&mut *tx).await?;
-                }
-                let done = sqlx::query("DELETE FROM devices WHERE id = $1 AND user_id = $2")
+                let deleted = sqlx::query("DELETE FROM devices WHERE id = $1 AND user_id = $2")
                     .bind(id)
                     .bind(user_id)
                     .execute(&mut *tx)
-                    .await?;
+                    .await?
+                    .rows_affected()
+                    > 0;
+                // Only the owner's delete takes the device's queue with it.
+                if deleted {
+                    sqlx::query(rows::DELETE_OPEN_DELIVERIES).bind(id).execute(&mut *tx).await?;
+                }
                 tx.commit().await?;
-                Ok(done.rows_affected() > 0)
+                Ok(deleted)
             }
 
             async fn invalidate_device(
