@@ -284,7 +284,7 @@ mod tests {
 
     fn delivery() -> DueDelivery {
         DueDelivery {
-            update: Update {
+            update: Arc::new(Update {
                 seq: 1,
                 id: uuid::Uuid::now_v7(),
                 kind: "order.shipped".into(),
@@ -293,7 +293,7 @@ mod tests {
                 data: None,
                 notification: None,
                 created_at: Utc::now(),
-            },
+            }),
             user_id: "alice".into(),
             device_id: uuid::Uuid::now_v7(),
             platform: Platform::Fcm,

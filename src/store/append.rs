@@ -120,8 +120,10 @@ macro_rules! impl_append {
                         }
                     }
                     for (user, update) in &rows {
+                        // One copy of the update for all of its deliveries.
+                        let update = std::sync::Arc::new((*update).clone());
                         for device in devices.get(*user).into_iter().flatten() {
-                            claimed.push(super::claimed::handed_off(update, user, device)?);
+                            claimed.push(super::claimed::handed_off(&update, user, device)?);
                         }
                     }
                 }

@@ -1,6 +1,8 @@
 //! Claimed deliveries as the store builds them: read back after a claim (rows on PostgreSQL,
 //! one JSON row on SQLite) or handed off by an append.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
@@ -18,7 +20,7 @@ pub(super) type UserDeviceRow = (Uuid, String, String, Option<String>, String, S
 /// The delivery of `update` to the device `(id, platform, token, environment, app)` as
 /// stored, at `attempt`.
 fn due(
-    update: Update,
+    update: Arc<Update>,
     user_id: String,
     (device_id, platform, token, environment, app_id): DeviceRow,
     attempt: i32,
@@ -39,7 +41,7 @@ fn due(
 
 /// The claimed delivery of `update` to `device`, first attempt.
 pub(super) fn handed_off(
-    update: &Update,
+    update: &Arc<Update>,
     user_id: &str,
     device: &DeviceRow,
 ) -> Result<DueDelivery, StoreError> {
@@ -86,7 +88,7 @@ impl TryFrom<DueRow> for DueDelivery {
             row.environment,
             row.app_id,
         );
-        due(update, row.user_id, device, row.attempts)
+        due(Arc::new(update), row.user_id, device, row.attempts)
     }
 }
 
@@ -142,7 +144,7 @@ pub(super) fn due_from_json(json: &str) -> Result<Vec<DueDelivery>, StoreError> 
                     .with_timezone(&Utc),
             };
             let device = (uuid(&device_id)?, platform, token, environment, app_id);
-            due(update, user_id, device, attempts)
+            due(Arc::new(update), user_id, device, attempts)
         })
         .collect()
 }

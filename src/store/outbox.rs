@@ -15,8 +15,8 @@ use crate::updates::{NewUpdate, Update};
 /// A delivery claimed for sending, with everything needed to build the push.
 #[derive(Debug, Clone)]
 pub struct DueDelivery {
-    /// The update.
-    pub update: Update,
+    /// The update, shared by its deliveries to each of the user's devices.
+    pub update: std::sync::Arc<Update>,
     /// Its owner.
     pub user_id: String,
     /// Target device.

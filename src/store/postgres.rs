@@ -251,11 +251,12 @@ impl PgStore {
             .collect::<Result<Vec<_>, StoreError>>()?;
         let mut claimed = Vec::new();
         if handoff.is_some() {
-            let by_id: std::collections::HashMap<uuid::Uuid, (&str, &crate::updates::Update)> =
+            // One copy of each update for all of its deliveries.
+            let by_id: std::collections::HashMap<uuid::Uuid, (&str, Arc<crate::updates::Update>)> =
                 events
                     .iter()
                     .zip(&updates)
-                    .map(|((user, _), u)| (u.id, (*user, u)))
+                    .map(|((user, _), u)| (u.id, (*user, Arc::new(u.clone()))))
                     .collect();
             for (update_id, device) in &devices {
                 let Some((user, update)) = by_id.get(update_id) else {
