@@ -244,8 +244,8 @@ macro_rules! impl_outbox {
                 .execute(&mut *tx)
                 .await?;
                 // A device deleted while its update was being appended leaves deliveries behind
-                // where no foreign key stops it (PostgreSQL): they have nowhere to go.
-                if !Self::DELIVERY_FOREIGN_KEYS {
+                // where writers run side by side (PostgreSQL): they have nowhere to go.
+                if Self::ORPHANED_DELIVERIES {
                     sqlx::query(
                         "UPDATE deliveries SET status = 'dropped', last_error = 'device deleted', lease_owner = NULL, \
                          lease_expires_at = NULL WHERE lease_owner = $1 AND status = 'sending' \

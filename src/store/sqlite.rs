@@ -71,8 +71,10 @@ impl SqliteStore {
         &self.reader
     }
 
-    /// Deliveries keep their foreign keys here: a check is an in-process index lookup.
-    const DELIVERY_FOREIGN_KEYS: bool = true;
+    /// No delivery outlives its device here although deliveries carry no foreign keys
+    /// (migration 0005): the single writer runs a device's delete (which takes its open
+    /// deliveries) and an append (which reads the active devices) one after the other.
+    const ORPHANED_DELIVERIES: bool = false;
 
     fn migrator() -> &'static sqlx::migrate::Migrator {
         &MIGRATOR
