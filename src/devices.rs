@@ -128,7 +128,7 @@ pub struct Device {
     pub created_at: DateTime<Utc>,
     /// Last registration or refresh.
     pub last_seen_at: DateTime<Utc>,
-    /// Last successful push.
+    /// Last successful push, to within a second (a burst writes it once).
     pub last_push_at: Option<DateTime<Utc>>,
     /// Updates in the user's log after this device's last ack (`GET /v1/devices` only).
     #[serde(skip_serializing_if = "Option::is_none")]

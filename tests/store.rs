@@ -302,6 +302,65 @@ async fn recorded_outcomes_are_fenced_by_attempt(engine: Engine) {
     );
 }
 
+/// A Sent outcome rewrites a device's lastPushAt only when it is a second or more old: a burst
+/// of pushes to one device writes its row once, and a push after a quiet second moves it on.
+/// Both recording paths (a batch of Sent alone, PostgreSQL's one statement; a mixed batch).
+async fn last_push_at_moves_at_most_once_a_second(engine: Engine) {
+    use herald::store::{DeliveryOutcome, DeliveryResult};
+    let (_db, store) = open(engine).await;
+    let device = store
+        .upsert_device("alice", &apns(40))
+        .await
+        .unwrap()
+        .device
+        .id;
+    let update = herald::updates::NewUpdate {
+        kind: "order.shipped".into(),
+        tracking_id: None,
+        status: None,
+        data: None,
+        notification: None,
+    };
+    for _ in 0..4 {
+        store.publish_event("alice", &update).await.unwrap();
+    }
+    let claimed = store
+        .claim_deliveries(10, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 4);
+    let result = |n: usize, outcome: DeliveryOutcome| DeliveryResult {
+        update_id: claimed[n].update.id,
+        device_id: device,
+        attempt: claimed[n].attempt,
+        outcome,
+    };
+    let sent = || DeliveryOutcome::Sent { provider_id: None };
+    let last_push = || async {
+        store.list_devices("alice").await.unwrap()[0]
+            .last_push_at
+            .expect("pushed")
+    };
+    store.record_deliveries(&[result(0, sent())]).await.unwrap();
+    let first = last_push().await;
+    store.record_deliveries(&[result(1, sent())]).await.unwrap();
+    assert_eq!(last_push().await, first, "within the second: not rewritten");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let failed = DeliveryOutcome::Failed {
+        reason: "late".into(),
+    };
+    store
+        .record_deliveries(&[result(2, sent()), result(3, failed)])
+        .await
+        .unwrap();
+    let later = last_push().await;
+    assert!(
+        later >= first + chrono::Duration::seconds(1),
+        "a second on: {first} -> {later}"
+    );
+    assert_eq!(store.pending_deliveries().await.unwrap(), 0);
+}
+
 /// A batch of events for several users commits in one transaction: each user's seqs continue
 /// where their log stood, in batch order, and every active device of each user gets a delivery.
 async fn batched_appends_number_each_users_log_in_order(engine: Engine) {
@@ -515,4 +574,5 @@ both_engines!(
     delete_only_own_devices,
     concurrent_registrations_of_one_token_make_one_device,
     recorded_outcomes_are_fenced_by_attempt,
+    last_push_at_moves_at_most_once_a_second,
 );

@@ -190,6 +190,12 @@ pub trait Outbox: Send + Sync + 'static {
     fn appended(&self) -> std::sync::Arc<tokio::sync::Notify>;
 }
 
+/// How stale a device's `last_push_at` may be before a Sent outcome rewrites it. Under a burst
+/// a device is pushed many times a second; writing the row once per second instead of once per
+/// push (a row rewrite, and on SQLite a WAL page, per device per batch) is what `relatime` does
+/// for file access times. `lastPushAt` is exact to this much.
+pub(super) const LAST_PUSH_RESOLUTION: chrono::Duration = chrono::Duration::seconds(1);
+
 /// Rows per statement when recording a batch: the largest power of two up to `left` (at most
 /// 256), so a handful of statement shapes cover every batch and stay prepared.
 pub(super) fn chunk_len(left: usize) -> usize {
@@ -321,6 +327,8 @@ macro_rules! impl_outbox {
                     for id in &devices {
                         ids.push_bind(*id);
                     }
+                    touch.push(") AND (last_push_at IS NULL OR last_push_at < ");
+                    touch.push_bind(now - super::outbox::LAST_PUSH_RESOLUTION);
                     touch.push(")");
                     touch.build().execute(&mut *tx).await?;
                 }

@@ -275,7 +275,8 @@ impl PgStore {
     /// autocommitted statement over arrays: one round trip instead of four, and one statement
     /// text whatever the batch size, so it is planned once rather than per VALUES length.
     /// Each row is fenced by its attempt as in the general path; every device pushed to is
-    /// touched whether or not its fence held. False when the batch holds another outcome.
+    /// touched whether or not its fence held (unless it was, within
+    /// [`super::outbox::LAST_PUSH_RESOLUTION`]). False when the batch holds another outcome.
     async fn record_sent_at_once(
         &self,
         results: &[super::DeliveryResult],
@@ -304,7 +305,8 @@ impl PgStore {
              sent AS (UPDATE deliveries d SET status = 'sent', provider_id = b.provider_id, updated_at = $5, \
              lease_owner = NULL, lease_expires_at = NULL FROM b WHERE d.update_id = b.update_id \
              AND d.device_id = b.device_id AND d.status = 'sending' AND d.attempts = b.attempt), \
-             touched AS (UPDATE devices SET last_push_at = $5 WHERE id = ANY($6::uuid[])) \
+             touched AS (UPDATE devices SET last_push_at = $5 WHERE id = ANY($6::uuid[]) \
+             AND (last_push_at IS NULL OR last_push_at < $7)) \
              SELECT 1",
         )
         .bind(&updates)
@@ -313,6 +315,7 @@ impl PgStore {
         .bind(&provider_ids)
         .bind(now)
         .bind(&touched)
+        .bind(now - super::outbox::LAST_PUSH_RESOLUTION)
         .execute(&self.pool)
         .await?;
         Ok(true)
