@@ -314,13 +314,7 @@ async fn last_push_at_moves_at_most_once_a_second(engine: Engine) {
         .unwrap()
         .device
         .id;
-    let update = herald::updates::NewUpdate {
-        kind: "order.shipped".into(),
-        tracking_id: None,
-        status: None,
-        data: None,
-        notification: None,
-    };
+    let update = shipped();
     for _ in 0..4 {
         store.publish_event("alice", &update).await.unwrap();
     }
