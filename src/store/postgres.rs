@@ -275,8 +275,8 @@ impl PgStore {
     /// autocommitted statement over arrays: one round trip instead of four, and one statement
     /// text whatever the batch size, so it is planned once rather than per VALUES length.
     /// Each row is fenced by its attempt as in the general path; every device pushed to is
-    /// touched whether or not its fence held (unless it was, within
-    /// [`super::outbox::LAST_PUSH_RESOLUTION`]). False when the batch holds another outcome.
+    /// touched whether or not its fence held, unless it was touched within
+    /// [`super::outbox::LAST_PUSH_RESOLUTION`]. False when the batch holds another outcome.
     async fn record_sent_at_once(
         &self,
         results: &[super::DeliveryResult],
