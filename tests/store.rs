@@ -511,6 +511,90 @@ async fn deliveries_leave_with_their_device_and_their_update(engine: Engine) {
     assert_eq!(store.pending_deliveries().await.unwrap(), 0);
 }
 
+/// The device index holds only pending deliveries (migrations 0006/0007): in-flight ones are
+/// still found when their device is deleted, and one that went back to pending after a retry is
+/// still dropped when another push finds its device's token dead.
+async fn open_deliveries_are_found_by_device_in_flight_or_pending(engine: Engine) {
+    use herald::store::{DeliveryOutcome, DeliveryResult, Handoff};
+    let (_db, store) = open(engine).await;
+    let phone = store
+        .upsert_device("alice", &apns(70))
+        .await
+        .unwrap()
+        .device
+        .id;
+    let handoff = Handoff {
+        owner: "node-a".into(),
+        until: Utc::now() + chrono::Duration::seconds(60),
+    };
+    let in_flight = store
+        .append_events(&[("alice".to_string(), shipped())], Some(&handoff))
+        .await
+        .unwrap()
+        .claimed;
+    assert_eq!(in_flight.len(), 1);
+    assert_eq!(store.pending_deliveries().await.unwrap(), 1);
+    assert!(store.delete_device("alice", phone).await.unwrap());
+    assert_eq!(
+        store.pending_deliveries().await.unwrap(),
+        0,
+        "the in-flight delivery left with its device"
+    );
+
+    let tablet = store
+        .upsert_device("alice", &apns(71))
+        .await
+        .unwrap()
+        .device
+        .id;
+    let claimed = store
+        .append_events(
+            &[
+                ("alice".to_string(), shipped()),
+                ("alice".to_string(), shipped()),
+            ],
+            Some(&handoff),
+        )
+        .await
+        .unwrap()
+        .claimed;
+    assert_eq!(claimed.len(), 2);
+    let result = |d: &herald::store::DueDelivery, outcome| DeliveryResult {
+        update_id: d.update.id,
+        device_id: tablet,
+        attempt: d.attempt,
+        outcome,
+    };
+    store
+        .record_deliveries(&[result(
+            &claimed[0],
+            DeliveryOutcome::Retry {
+                at: Utc::now() + chrono::Duration::seconds(600),
+                reason: "503".into(),
+            },
+        )])
+        .await
+        .unwrap();
+    assert_eq!(store.pending_deliveries().await.unwrap(), 2);
+    store
+        .record_deliveries(&[result(
+            &claimed[1],
+            DeliveryOutcome::InvalidToken {
+                reason: "Unregistered".into(),
+                since: None,
+            },
+        )])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.pending_deliveries().await.unwrap(),
+        0,
+        "the retried delivery was dropped with its dead device"
+    );
+    let listed = store.list_devices("alice").await.unwrap();
+    assert_eq!(listed[0].status, DeviceStatus::Invalid);
+}
+
 /// A delivery left behind by a device deleted while its update was being appended (possible on
 /// PostgreSQL, which keeps no foreign key to devices) is dropped by the claim, not leased again
 /// and again.
@@ -557,6 +641,7 @@ async fn postgres_claim_drops_deliveries_of_deleted_devices() {
 
 both_engines!(
     deliveries_leave_with_their_device_and_their_update,
+    open_deliveries_are_found_by_device_in_flight_or_pending,
     handed_off_deliveries_are_claimed_until_their_lease_ends,
     batched_appends_number_each_users_log_in_order,
     group_commit_keeps_order_and_idempotency,

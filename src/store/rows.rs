@@ -304,9 +304,11 @@ impl From<UpdateRow> for Update {
     }
 }
 
-/// What was still to be sent to a device that is going away. On PostgreSQL, which keeps no
-/// foreign keys on deliveries and indexes them by device only while open (migrations 0005 and
-/// 0006), its finished deliveries stay until the purge takes them with their updates; SQLite's
-/// cascade removes those too.
-pub(super) const DELETE_OPEN_DELIVERIES: &str =
-    "DELETE FROM deliveries WHERE device_id = $1 AND status IN ('pending', 'sending')";
+/// What was still to be sent to a device that is going away, one statement per index that
+/// finds it: pending deliveries by device (deliveries_device_pending_idx), in-flight ones among
+/// the in-flight (deliveries_sending_idx). Its finished deliveries stay until the retention purge
+/// takes them with their updates (no foreign keys on deliveries: migrations 0005).
+pub(super) const DELETE_OPEN_DELIVERIES: [&str; 2] = [
+    "DELETE FROM deliveries WHERE device_id = $1 AND status = 'pending'",
+    "DELETE FROM deliveries WHERE device_id = $1 AND status = 'sending'",
+];

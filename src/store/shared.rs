@@ -40,7 +40,9 @@ macro_rules! impl_store {
                         if let Some((id, _)) = other {
                             // The token moved to another user: the old owner's record (and
                             // anything queued for it) goes, so nothing of theirs reaches the new one.
-                            sqlx::query(rows::DELETE_OPEN_DELIVERIES).bind(id).execute(&mut *tx).await?;
+                            for sql in rows::DELETE_OPEN_DELIVERIES {
+                                sqlx::query(sql).bind(id).execute(&mut *tx).await?;
+                            }
                             sqlx::query("DELETE FROM devices WHERE id = $1").bind(id).execute(&mut *tx).await?;
                         }
                         let row: rows::DeviceRow = sqlx::query_as(rows::INSERT_DEVICE)
@@ -145,7 +147,9 @@ macro_rules! impl_store {
                     > 0;
                 // Only the owner's delete takes the device's queue with it.
                 if deleted {
-                    sqlx::query(rows::DELETE_OPEN_DELIVERIES).bind(id).execute(&mut *tx).await?;
+                    for sql in rows::DELETE_OPEN_DELIVERIES {
+                        sqlx::query(sql).bind(id).execute(&mut *tx).await?;
+                    }
                 }
                 tx.commit().await?;
                 Ok(deleted)
