@@ -460,6 +460,42 @@ async fn handed_off_deliveries_are_claimed_until_their_lease_ends(engine: Engine
     assert!(again.iter().all(|d| d.attempt == 2));
 }
 
+/// Claims running side by side (two dispatchers, or two nodes on PostgreSQL) split the due
+/// deliveries between them: each is claimed once, oldest update first within a claim, with
+/// everything needed to send it.
+async fn side_by_side_claims_take_each_delivery_once(engine: Engine) {
+    let (_db, store) = open(engine).await;
+    let device = store
+        .upsert_device("alice", &apns(70))
+        .await
+        .unwrap()
+        .device
+        .id;
+    let events: Vec<_> = (0..40).map(|_| ("alice".to_string(), shipped())).collect();
+    let appended = store.append_events(&events, None).await.unwrap();
+    assert_eq!(store.pending_deliveries().await.unwrap(), 40);
+    let lease = Duration::from_secs(60);
+    let (a, b) = tokio::join!(
+        store.claim_deliveries(25, lease),
+        store.claim_deliveries(25, lease)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    for claim in [&a, &b] {
+        let seqs: Vec<i64> = claim.iter().map(|d| d.update.seq).collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+        assert!(claim.iter().all(|d| d.device_id == device
+            && d.attempt == 1
+            && d.token == apns_token(70)
+            && d.platform == Platform::Apns));
+    }
+    let mut ids: Vec<_> = a.iter().chain(&b).map(|d| d.update.id).collect();
+    ids.sort();
+    let mut want: Vec<_> = appended.updates.iter().map(|u| u.id).collect();
+    want.sort();
+    assert_eq!(ids, want, "every delivery claimed exactly once");
+    assert!(store.claim_deliveries(25, lease).await.unwrap().is_empty());
+}
+
 fn shipped() -> herald::updates::NewUpdate {
     herald::updates::NewUpdate {
         kind: "order.shipped".into(),
@@ -640,6 +676,7 @@ async fn postgres_claim_drops_deliveries_of_deleted_devices() {
 }
 
 both_engines!(
+    side_by_side_claims_take_each_delivery_once,
     deliveries_leave_with_their_device_and_their_update,
     open_deliveries_are_found_by_device_in_flight_or_pending,
     handed_off_deliveries_are_claimed_until_their_lease_ends,

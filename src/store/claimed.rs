@@ -1,4 +1,4 @@
-//! Claimed deliveries as the store builds them: read back after a claim (rows on PostgreSQL,
+//! Claimed deliveries as the store builds them: returned by a claim (rows on PostgreSQL,
 //! one JSON row on SQLite) or handed off by an append.
 
 use std::sync::Arc;
@@ -91,13 +91,6 @@ impl TryFrom<DueRow> for DueDelivery {
         due(Arc::new(update), row.user_id, device, row.attempts)
     }
 }
-
-/// The deliveries a claim just took (`$1`: its lease owner), with their updates and devices.
-pub(super) const CLAIMED_ROWS: &str = "SELECT d.update_id, d.device_id, d.user_id, d.attempts, v.platform, v.token, \
-     v.environment, v.app_id, u.seq, u.type AS kind, u.tracking_id, u.status AS update_status, u.data, \
-     u.notification, u.created_at \
-     FROM deliveries d JOIN updates u ON u.id = d.update_id JOIN devices v ON v.id = d.device_id \
-     WHERE d.status = 'sending' AND d.lease_owner = $1 ORDER BY u.created_at";
 
 /// One claimed delivery as the SQLite claim's JSON row carries it (ids in hex, times in
 /// RFC 3339, as they are stored).

@@ -220,10 +220,10 @@ pub(super) fn chunked<T>(items: &[T]) -> impl Iterator<Item = &[T]> {
     })
 }
 
-/// Implement [`Outbox`] for `$ty` on `$db`; `$skip_locked` follows the claim's inner select,
-/// `$greatest` is the two-argument maximum function of the dialect.
+/// Implement [`Outbox`] for `$ty` on `$db`; `$greatest` is the two-argument maximum function of
+/// the dialect. The claim itself is the engine's `claim_due`.
 macro_rules! impl_outbox {
-    ($ty:ty, $db:ty, $skip_locked:literal, $greatest:literal) => {
+    ($ty:ty, $db:ty, $greatest:literal) => {
         #[async_trait::async_trait]
         impl super::outbox::Outbox for $ty {
             async fn claim_deliveries(
@@ -234,36 +234,7 @@ macro_rules! impl_outbox {
                 let now = chrono::Utc::now();
                 let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(60));
                 let token = uuid::Uuid::new_v4().to_string();
-                let mut tx = self.writer().begin().await?;
-                sqlx::query(concat!(
-                    "UPDATE deliveries SET status = 'sending', attempts = attempts + 1, lease_owner = $1, \
-                     lease_expires_at = $2, updated_at = $3 WHERE (update_id, device_id) IN \
-                     (SELECT update_id, device_id FROM deliveries WHERE status = 'pending' AND next_attempt_at <= $3 \
-                     ORDER BY next_attempt_at LIMIT $4",
-                    $skip_locked,
-                    ")"
-                ))
-                .bind(&token)
-                .bind(until)
-                .bind(now)
-                .bind(max)
-                .execute(&mut *tx)
-                .await?;
-                // A device deleted while its update was being appended leaves deliveries behind
-                // where writers run side by side (PostgreSQL): they have nowhere to go.
-                if Self::ORPHANED_DELIVERIES {
-                    sqlx::query(
-                        "UPDATE deliveries SET status = 'dropped', last_error = 'device deleted', lease_owner = NULL, \
-                         lease_expires_at = NULL WHERE lease_owner = $1 AND status = 'sending' \
-                         AND NOT EXISTS (SELECT 1 FROM devices v WHERE v.id = deliveries.device_id)",
-                    )
-                    .bind(&token)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                let claimed = Self::claimed_deliveries(&mut tx, &token).await?;
-                tx.commit().await?;
-                Ok(claimed)
+                self.claim_due(max, &token, until, now).await
             }
 
             async fn record_deliveries(

@@ -71,11 +71,6 @@ impl SqliteStore {
         &self.reader
     }
 
-    /// No delivery outlives its device here although deliveries carry no foreign keys
-    /// (migration 0005): the single writer runs a device's delete (which takes its open
-    /// deliveries) and an append (which reads the active devices) one after the other.
-    const ORPHANED_DELIVERIES: bool = false;
-
     fn migrator() -> &'static sqlx::migrate::Migrator {
         &MIGRATOR
     }
@@ -134,13 +129,32 @@ impl SqliteStore {
         Ok(false)
     }
 
-    /// The deliveries a claim under `owner` just took, oldest update first, in one JSON row
-    /// (see [`Self::bump_counters`]); the same rows as the claim query on PostgreSQL. (The
-    /// bundled SQLite is 3.50: ORDER BY inside an aggregate needs 3.44.)
-    async fn claimed_deliveries(
-        tx: &mut Transaction<'_, Sqlite>,
+    /// Claim up to `max` due deliveries under `owner` until `until`, and read them back, oldest
+    /// update first, in one JSON row (see [`Self::bump_counters`]). The single writer makes row
+    /// locks unnecessary; and no delivery outlives its device here although deliveries carry no
+    /// foreign keys (migration 0005), as the writer runs a device's delete (which takes its
+    /// open deliveries) and an append (which reads the active devices) one after the other.
+    /// (The bundled SQLite is 3.50: ORDER BY inside an aggregate needs 3.44.)
+    async fn claim_due(
+        &self,
+        max: i64,
         owner: &str,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
     ) -> Result<Vec<super::DueDelivery>, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        sqlx::query(
+            "UPDATE deliveries SET status = 'sending', attempts = attempts + 1, lease_owner = $1, \
+             lease_expires_at = $2, updated_at = $3 WHERE (update_id, device_id) IN \
+             (SELECT update_id, device_id FROM deliveries WHERE status = 'pending' AND next_attempt_at <= $3 \
+             ORDER BY next_attempt_at LIMIT $4)",
+        )
+        .bind(owner)
+        .bind(until)
+        .bind(now)
+        .bind(max)
+        .execute(&mut *tx)
+        .await?;
         let json: String = sqlx::query_scalar(
             "SELECT json_group_array(json_array(hex(d.update_id), hex(d.device_id), d.user_id, d.attempts, \
              v.platform, v.token, v.environment, v.app_id, u.seq, u.type, \
@@ -150,8 +164,9 @@ impl SqliteStore {
              JOIN updates u ON u.id = d.update_id JOIN devices v ON v.id = d.device_id",
         )
         .bind(owner)
-        .fetch_one(&mut **tx)
+        .fetch_one(&mut *tx)
         .await?;
+        tx.commit().await?;
         super::claimed::due_from_json(&json)
     }
 
@@ -226,4 +241,4 @@ impl SqliteStore {
 
 impl_append!(SqliteStore, Sqlite);
 impl_store!(SqliteStore, Sqlite, Engine::Sqlite, "");
-impl_outbox!(SqliteStore, Sqlite, "", "MAX");
+impl_outbox!(SqliteStore, Sqlite, "MAX");
