@@ -361,6 +361,11 @@ impl FakeApnsHandle {
         lock(&self.shared.requests).iter().cloned().collect()
     }
 
+    /// How many requests are recorded (at most `max_recorded`), without copying them.
+    pub fn request_count(&self) -> usize {
+        lock(&self.shared.requests).len()
+    }
+
     /// Forget recorded requests.
     pub fn clear_requests(&self) {
         lock(&self.shared.requests).clear();

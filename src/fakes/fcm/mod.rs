@@ -298,6 +298,11 @@ impl FakeFcmHandle {
         self.shared.lock().requests.clone()
     }
 
+    /// How many requests were received so far, without copying them.
+    pub fn request_count(&self) -> usize {
+        self.shared.lock().requests.len()
+    }
+
     /// How many times `POST /token` was called (successful or not).
     pub fn token_requests(&self) -> usize {
         self.shared.lock().token_requests
