@@ -4,36 +4,74 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde_json::{Map, Value, json};
+use serde::Serialize;
+use serde_json::Value;
+use uuid::Uuid;
 
-use crate::providers::apns::{self, ApnsRequest, PayloadContent, PayloadSpec};
+use crate::providers::apns::{self, ApnsRequest, PayloadContent};
 use crate::providers::fcm::{FcmNotification, FcmRequest};
 use crate::updates::Update;
 
 /// APNs and FCM both refuse payloads over 4 KiB.
 pub const MAX_PAYLOAD: usize = 4096;
 
-/// The keys every push carries so the app can sync.
-fn essentials(update: &Update) -> Map<String, Value> {
-    let mut data = Map::new();
-    if let Some(id) = update.tracking_id {
-        data.insert("trackingId".into(), json!(id.to_string()));
-    }
-    data.insert("seq".into(), json!(update.seq));
-    data.insert("type".into(), json!(update.kind));
-    data
+/// The data keys of a push, borrowed from the update and serialised straight into the body
+/// (no map of cloned values per push): the three the app syncs by, and unless shrunk to
+/// those, the update's status and data.
+#[derive(Debug, Serialize)]
+struct PushData<'a> {
+    #[serde(rename = "trackingId", skip_serializing_if = "Option::is_none")]
+    tracking_id: Option<Uuid>,
+    seq: i64,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<&'a Value>,
 }
 
-/// Essentials plus status and the update's data, as the app would like them.
-fn full(update: &Update) -> Map<String, Value> {
-    let mut data = essentials(update);
-    if let Some(status) = &update.status {
-        data.insert("status".into(), json!(status));
+impl<'a> PushData<'a> {
+    /// Status and data as well, as the app would like them.
+    fn full(update: &'a Update) -> Self {
+        Self {
+            status: update.status.as_deref(),
+            data: update.data.as_ref(),
+            ..Self::essentials(update)
+        }
     }
-    if let Some(extra) = &update.data {
-        data.insert("data".into(), extra.clone());
+
+    /// Only the keys every push carries so the app can sync.
+    fn essentials(update: &'a Update) -> Self {
+        Self {
+            tracking_id: update.tracking_id,
+            seq: update.seq,
+            kind: &update.kind,
+            status: None,
+            data: None,
+        }
     }
-    data
+
+    /// FCM `data` values must be strings: JSON values other than strings are written as JSON.
+    fn into_strings(self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        if let Some(id) = self.tracking_id {
+            out.insert("trackingId".to_string(), id.to_string());
+        }
+        out.insert("seq".to_string(), self.seq.to_string());
+        out.insert("type".to_string(), self.kind.to_string());
+        if let Some(status) = self.status {
+            out.insert("status".to_string(), status.to_string());
+        }
+        if let Some(data) = self.data {
+            let data = match data {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            out.insert("data".to_string(), data);
+        }
+        out
+    }
 }
 
 /// The alert text, when the update carries a notification worth showing.
@@ -57,17 +95,11 @@ pub fn apns_request(
         None => PayloadContent::Background,
     };
     let thread = update.tracking_id.map(|id| id.to_string());
-    let build = |data: &Map<String, Value>| {
-        apns::build_payload(&PayloadSpec {
-            content,
-            thread_id: thread.as_deref(),
-            data: Some(data),
-        })
-    };
-    let mut payload = build(&full(update))?;
+    let build = |data: &PushData<'_>| apns::build_payload_with(content, thread.as_deref(), data);
+    let mut payload = build(&PushData::full(update))?;
     if payload.len() > MAX_PAYLOAD {
         // Too big for APNs: the three keys are enough for the app to sync the rest.
-        payload = build(&essentials(update))?;
+        payload = build(&PushData::essentials(update))?;
     }
     Ok(ApnsRequest {
         device_token: token.to_string(),
@@ -82,19 +114,6 @@ pub fn apns_request(
     })
 }
 
-/// FCM `data` values must be strings.
-fn stringify(data: Map<String, Value>) -> BTreeMap<String, String> {
-    data.into_iter()
-        .map(|(k, v)| {
-            let s = match v {
-                Value::String(s) => s,
-                other => other.to_string(),
-            };
-            (k, s)
-        })
-        .collect()
-}
-
 /// FCM counts data keys and values plus the notification text against its 4 KiB limit.
 fn fcm_size(data: &BTreeMap<String, String>, notification: Option<&FcmNotification>) -> usize {
     data.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
@@ -107,9 +126,9 @@ pub fn fcm_request(update: &Update, token: &str, ttl: Duration) -> FcmRequest {
         title: title.unwrap_or("").to_string(),
         body: body.to_string(),
     });
-    let mut data = stringify(full(update));
+    let mut data = PushData::full(update).into_strings();
     if fcm_size(&data, notification.as_ref()) > MAX_PAYLOAD {
-        data = stringify(essentials(update));
+        data = PushData::essentials(update).into_strings();
     }
     FcmRequest {
         device_token: token.to_string(),
@@ -126,7 +145,7 @@ pub fn fcm_request(update: &Update, token: &str, ttl: Duration) -> FcmRequest {
 mod tests {
     use super::*;
     use crate::jobs::Notification;
-    use uuid::Uuid;
+    use serde_json::json;
 
     fn update(notification: Option<Notification>, data: Value) -> Update {
         Update {
@@ -157,6 +176,19 @@ mod tests {
         assert_eq!(body["seq"], 42);
         assert_eq!(body["data"]["result"], 1);
         assert_eq!(req.collapse_id, Some(u.tracking_id.unwrap().to_string()));
+        assert_eq!(body["trackingId"], u.tracking_id.unwrap().to_string());
+        assert_eq!(body["type"], "job.completed");
+        assert_eq!(body["status"], "completed");
+        // FCM data values are strings: JSON ones are written as JSON, strings as themselves.
+        let fcm = fcm_request(&u, "t", Duration::from_secs(60));
+        assert_eq!(fcm.data["data"], r#"{"result":1}"#);
+        assert_eq!(fcm.data["status"], "completed");
+        assert_eq!(fcm.data["trackingId"], u.tracking_id.unwrap().to_string());
+        let text = update(None, json!("plain"));
+        assert_eq!(
+            fcm_request(&text, "t", Duration::from_secs(60)).data["data"],
+            "plain"
+        );
 
         let silent = update(None, json!({}));
         let req = apns_request(&silent, "ab", apns::Environment::Sandbox, Utc::now()).unwrap();

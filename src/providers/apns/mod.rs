@@ -23,7 +23,7 @@ pub mod token;
 
 pub use classify::{ApnsReason, classify, classify_transport};
 pub use connection::{ConnOptions, ConnectionGone, SendError};
-pub use payload::{PayloadContent, PayloadError, PayloadSpec, build_payload};
+pub use payload::{PayloadContent, PayloadError, PayloadSpec, build_payload, build_payload_with};
 pub use token::{Clock, ProviderClaims, TokenCache, TokenError};
 
 use classify::Action;

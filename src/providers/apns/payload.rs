@@ -72,16 +72,16 @@ struct Aps<'a> {
 }
 
 #[derive(Serialize, Debug)]
-struct HeraldPayload<'a> {
+struct HeraldPayload<'a, D: Serialize> {
     aps: Aps<'a>,
     /// Borrowed: serialised in place rather than cloned per push.
     #[serde(flatten)]
-    data: &'a Map<String, Value>,
+    data: &'a D,
     #[serde(skip)]
     options: NotificationOptions<'a>,
 }
 
-impl PayloadLike for HeraldPayload<'_> {
+impl<D: Serialize + std::fmt::Debug> PayloadLike for HeraldPayload<'_, D> {
     fn get_device_token(&self) -> &str {
         // The device token travels in the URL path, never in the payload.
         ""
@@ -94,8 +94,24 @@ impl PayloadLike for HeraldPayload<'_> {
 
 /// Serialises `spec` to the JSON body of an APNs request.
 pub fn build_payload(spec: &PayloadSpec<'_>) -> Result<Bytes, PayloadError> {
+    let empty = Map::new();
+    let data = spec.data.unwrap_or(&empty);
+    if data.contains_key("aps") {
+        return Err(PayloadError::ReservedKey);
+    }
+    build_payload_with(spec.content, spec.thread_id, data)
+}
+
+/// Serialises `content` and `thread_id` with the top-level keys of `data`, any type that
+/// serialises as a map whose keys never include `aps` (nothing checks that here): a caller's
+/// own struct is written straight into the body, with no map of values built per push.
+pub fn build_payload_with<D: Serialize + std::fmt::Debug>(
+    content: PayloadContent<'_>,
+    thread_id: Option<&str>,
+    data: &D,
+) -> Result<Bytes, PayloadError> {
     let builder = DefaultNotificationBuilder::new();
-    let builder = match spec.content {
+    let builder = match content {
         PayloadContent::Alert { title, body } => {
             let b = builder.set_body(body);
             match title {
@@ -110,15 +126,10 @@ pub fn build_payload(spec: &PayloadSpec<'_>) -> Result<Bytes, PayloadError> {
     if aps.mutable_content == Some(0) {
         aps.mutable_content = None;
     }
-    let empty = Map::new();
-    let data = spec.data.unwrap_or(&empty);
-    if data.contains_key("aps") {
-        return Err(PayloadError::ReservedKey);
-    }
     let payload = HeraldPayload {
         aps: Aps {
             base: aps,
-            thread_id: spec.thread_id,
+            thread_id,
         },
         data,
         options: NotificationOptions::default(),
