@@ -46,9 +46,12 @@ pub enum SendError {
     /// left the client): resending cannot duplicate it.
     #[error("not processed by APNs: {0}")]
     Unprocessed(String, ConnectionGone),
-    /// The request may have reached APNs (connection lost mid-stream, timeout).
+    /// The request may have reached APNs (connection lost mid-stream).
     #[error("connection lost: {0}")]
     Lost(String),
+    /// No answer within the exchange's bound; the request may have been processed.
+    #[error("connection lost: request timed out")]
+    TimedOut,
 }
 
 /// Whether an unprocessed request's connection is going away (GOAWAY) or still usable.
@@ -257,6 +260,16 @@ impl Endpoint {
 
     /// Sends one request on the current connection (connecting first if needed).
     pub async fn send(&self, req: Request<Full<Bytes>>) -> Result<Answer, SendError> {
+        self.send_within(req, self.opts.request_timeout).await
+    }
+
+    /// [`Self::send`] with its own bound on the exchange instead of the endpoint's: one timer
+    /// per request for a caller whose bound differs (FCM's, which a sender may change).
+    pub async fn send_within(
+        &self,
+        req: Request<Full<Bytes>>,
+        timeout: Duration,
+    ) -> Result<Answer, SendError> {
         let Live { mut tx, generation } = self.live().await?;
         let exchange = async {
             let resp = match tx.try_send_request(req).await {
@@ -287,9 +300,9 @@ impl Endpoint {
                 generation,
             })
         };
-        let result = match tokio::time::timeout(self.opts.request_timeout, exchange).await {
+        let result = match tokio::time::timeout(timeout, exchange).await {
             Ok(result) => result,
-            Err(_) => Err(SendError::Lost("request timed out".into())),
+            Err(_) => Err(SendError::TimedOut),
         };
         if let Err(e) = &result {
             // GOAWAY or a dead connection: later requests go to a new one.

@@ -192,8 +192,8 @@ impl FcmSender {
             tls,
             ConnOptions {
                 connect_timeout: CONNECT_TIMEOUT,
-                // Bounded per request by `request_timeout` in `post`.
-                request_timeout: Duration::from_secs(24 * 3600),
+                // Unused: `post` bounds each exchange by the sender's `request_timeout`.
+                request_timeout: DEFAULT_REQUEST_TIMEOUT,
                 keepalive_interval: Duration::from_secs(30),
                 keepalive_timeout: Duration::from_secs(10),
             },
@@ -285,18 +285,23 @@ impl FcmSender {
             // Only a token with bytes a header cannot carry gets here.
             Err(_) => return retry("the access token is not a valid header value".into()),
         };
-        let sent =
-            tokio::time::timeout(self.request_timeout, self.inner.endpoint.send(request)).await;
+        let sent = self
+            .inner
+            .endpoint
+            .send_within(request, self.request_timeout)
+            .await;
         let answer = match sent {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(e)) => {
+            Ok(answer) => answer,
+            Err(SendError::TimedOut) => {
+                return retry("timeout: no answer from FCM in time".into());
+            }
+            Err(e) => {
                 let kind = match e {
                     SendError::Connect(_) => "connect error",
-                    SendError::Unprocessed(..) | SendError::Lost(_) => "transport error",
+                    _ => "transport error",
                 };
                 return retry(format!("{kind}: {e}"));
             }
-            Err(_) => return retry("timeout: no answer from FCM in time".into()),
         };
         let retry_after = answer
             .headers
