@@ -196,6 +196,14 @@ pub trait Outbox: Send + Sync + 'static {
 /// for file access times. `lastPushAt` is exact to this much.
 pub(super) const LAST_PUSH_RESOLUTION: chrono::Duration = chrono::Duration::seconds(1);
 
+/// The smallest UUIDv7 of the millisecond `at`: every update appended before `at` has a
+/// smaller id (update ids are UUIDv7, made as the update is appended), every later one a
+/// larger or equal id, in the byte order both engines compare ids in.
+pub(super) fn first_id_at(at: DateTime<Utc>) -> Uuid {
+    let millis = u64::try_from(at.timestamp_millis()).unwrap_or(0);
+    uuid::Builder::from_unix_timestamp_millis(millis, &[0; 10]).into_uuid()
+}
+
 /// Rows per statement when recording a batch: the largest power of two up to `left` (at most
 /// 256), so a handful of statement shapes cover every batch and stay prepared.
 pub(super) fn chunk_len(left: usize) -> usize {
@@ -468,16 +476,16 @@ macro_rules! impl_outbox {
 
             async fn purge(&self, before: chrono::DateTime<chrono::Utc>) -> Result<u64, super::StoreError> {
                 // Deliveries, finished or not, go with their update (explicitly: PostgreSQL keeps
-                // no foreign key from deliveries to updates).
+                // no foreign key from deliveries to updates). Both by id range: see
+                // `first_id_at`.
+                let bound = super::outbox::first_id_at(before);
                 let mut tx = self.writer().begin().await?;
-                sqlx::query(
-                    "DELETE FROM deliveries WHERE update_id IN (SELECT id FROM updates WHERE created_at < $1)",
-                )
-                .bind(before)
-                .execute(&mut *tx)
-                .await?;
-                let updates = sqlx::query("DELETE FROM updates WHERE created_at < $1")
-                    .bind(before)
+                sqlx::query("DELETE FROM deliveries WHERE update_id < $1")
+                    .bind(bound)
+                    .execute(&mut *tx)
+                    .await?;
+                let updates = sqlx::query("DELETE FROM updates WHERE id < $1")
+                    .bind(bound)
                     .execute(&mut *tx)
                     .await?
                     .rows_affected();
@@ -503,3 +511,29 @@ macro_rules! impl_outbox {
 }
 
 pub(super) use impl_outbox;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_id_at_splits_update_ids_at_the_millisecond() {
+        let at = Utc::now();
+        let before = Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, 0, 0));
+        let bound = first_id_at(at);
+        assert!(before < bound);
+        let just_before = at - chrono::Duration::milliseconds(1);
+        let earlier = Uuid::new_v7(uuid::Timestamp::from_unix(
+            uuid::NoContext,
+            just_before.timestamp() as u64,
+            just_before.timestamp_subsec_nanos(),
+        ));
+        assert!(earlier < bound, "{earlier} < {bound}");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let later = Uuid::now_v7();
+        assert!(later >= bound, "{later} >= {bound}");
+        assert_eq!(bound.get_version_num(), 7);
+        // Byte order is what both engines compare: a blob on SQLite, uuid on PostgreSQL.
+        assert!(earlier.as_bytes() < bound.as_bytes() && later.as_bytes() >= bound.as_bytes());
+    }
+}
