@@ -321,7 +321,7 @@ impl PgStore {
     /// skipping what other nodes hold) so that neither the update nor the read back depends on
     /// a join plan, nor looks rows up by lease owner through the in-flight index, which holds
     /// an entry for every delivery sent since the last vacuum (measured on a 100,000-push run:
-    /// 11 ms per lookup, three per claim).
+    /// 11 ms per lookup, two per claim).
     ///
     /// Deliveries carry no foreign keys (migration 0005: their checks cost a fifth of the
     /// server's CPU per push), so a device deleted while an update for its user was being
