@@ -335,6 +335,12 @@ impl Config {
         if self.queue.lease_secs < 3 {
             return Err(ConfigError("queue.lease_secs: must be at least 3".into()));
         }
+        // Bounded so lease arithmetic stays far from the calendar's limits.
+        if !(2..=86_400).contains(&self.dispatch.lease_secs) {
+            return Err(ConfigError(
+                "dispatch.lease_secs: must be 2 to 86400".into(),
+            ));
+        }
         // The upper bound keeps `now - retention` far from the calendar's limits.
         if !(1..=MAX_RETENTION_DAYS).contains(&self.updates.retention_days) {
             return Err(ConfigError(format!(
@@ -504,6 +510,23 @@ mod tests {
                 Ok(())
             });
         }
+    }
+
+    #[test]
+    fn the_delivery_lease_is_bounded() {
+        for value in ["1", "86401"] {
+            figment::Jail::expect_with(|jail| {
+                jail.set_env("HERALD_DISPATCH_LEASE_SECS", value);
+                let err = Config::load(None).unwrap_err().to_string();
+                assert!(err.contains("dispatch.lease_secs"), "{err}");
+                Ok(())
+            });
+        }
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("HERALD_DISPATCH_LEASE_SECS", "2");
+            assert_eq!(Config::load(None).unwrap().dispatch.lease_secs, 2);
+            Ok(())
+        });
     }
 
     #[test]

@@ -27,6 +27,10 @@ struct World {
 }
 
 async fn world(engine: Engine) -> World {
+    world_with(engine, |_| {}).await
+}
+
+async fn world_with(engine: Engine, tweak: impl FnOnce(&mut herald::config::Config)) -> World {
     let apns = FakeApns::start(FakeApnsOptions::default()).await.unwrap();
     let fcm = FakeFcm::start(FakeFcmOptions::default()).await.unwrap();
     let (apns_url, fcm_base, token_uri) = (apns.url(), fcm.base_url(), fcm.token_uri());
@@ -52,6 +56,7 @@ async fn world(engine: Engine) -> World {
         c.dispatch.backoff_base_ms = 20;
         c.dispatch.backoff_max_ms = 100;
         c.dispatch.poll_interval_ms = 200;
+        tweak(c);
     })
     .await;
     World { app, apns, fcm }
@@ -263,6 +268,69 @@ async fn a_503_is_retried_and_delivered_once(engine: Engine) {
     );
 }
 
+async fn a_push_that_could_outlive_its_lease_is_released_not_sent_twice(engine: Engine) {
+    // One sender per provider, a lease of 2 s and 0.4 s per push: of a burst only the first
+    // pushes start while half their lease is left. Started later, the rest would still be
+    // queued or in flight when the sweep (every 5 s) finds their leases run out and hands them
+    // out again: the iPhone would get them twice. Released instead, they are claimed afresh.
+    let w = world_with(engine, |c| {
+        c.dispatch.concurrency = 1;
+        c.dispatch.lease_secs = 2;
+    })
+    .await;
+    let iphone = w
+        .app
+        .register_device(
+            "alice",
+            json!({"platform": "apns", "token": apns_token(1), "environment": "sandbox"}),
+        )
+        .await;
+    let token = iphone["token"].as_str().unwrap().to_string();
+    w.apns.script(
+        &token,
+        ApnsBehaviour::Accept.after(Duration::from_millis(400)),
+    );
+    const BURST: i64 = 16;
+    for i in 0..BURST {
+        let published = w
+            .app
+            .client
+            .post(w.app.url("/v1/events"))
+            .bearer_auth(w.app.token_with("shipping-service", Some("events:publish")))
+            .json(&json!({"userId": "alice", "type": "order.updated", "data": {"i": i}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(published.status(), 202);
+    }
+    let sent = || -> Vec<i64> {
+        let mut sent: Vec<i64> = apns_bodies(&w.apns, &token)
+            .iter()
+            .filter(|(_, _, s)| *s == 200)
+            .filter_map(|(b, _, _)| b["data"]["i"].as_i64())
+            .collect();
+        sent.sort_unstable();
+        sent
+    };
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while w.app.store.pending_deliveries().await.unwrap() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the burst was not delivered: {:?}",
+            sent()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A copy sent after its lease ran out would have been claimed again (a second attempt)
+    // and sent before the last outcome was recorded.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        sent(),
+        (0..BURST).collect::<Vec<_>>(),
+        "each update reached the iPhone exactly once"
+    );
+}
+
 async fn an_old_410_does_not_invalidate_a_fresh_registration(engine: Engine) {
     let w = world(engine).await;
     let (iphone, _) = register_phones(&w, "alice").await;
@@ -350,6 +418,7 @@ both_engines!(
     a_job_reaches_the_iphone_and_the_android,
     an_unregistered_token_is_pruned_and_the_other_device_still_served,
     a_503_is_retried_and_delivered_once,
+    a_push_that_could_outlive_its_lease_is_released_not_sent_twice,
     an_old_410_does_not_invalidate_a_fresh_registration,
     deliveries_committed_before_a_crash_are_sent_after_restart,
 );

@@ -302,6 +302,44 @@ async fn recorded_outcomes_are_fenced_by_attempt(engine: Engine) {
     );
 }
 
+/// A released delivery is due again at once, for any sender, at the attempt it had; a stale
+/// release (an attempt that no longer holds the row) changes nothing.
+async fn released_deliveries_are_due_again_without_spending_the_attempt(engine: Engine) {
+    use herald::store::{DeliveryOutcome, DeliveryResult};
+    let (_db, store) = open(engine).await;
+    store.upsert_device("alice", &apns(30)).await.unwrap();
+    let update = herald::updates::NewUpdate {
+        kind: "order.shipped".into(),
+        tracking_id: None,
+        status: None,
+        data: None,
+        notification: None,
+    };
+    store.publish_event("alice", &update).await.unwrap();
+    let lease = Duration::from_secs(60);
+    let claimed = store.claim_deliveries(10, lease).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    let first = &claimed[0];
+    assert_eq!(first.attempt, 1);
+    let until = chrono::Utc::now() + chrono::Duration::seconds(55);
+    assert!(first.lease_until > until, "the claim's lease comes with it");
+    let release = |attempt: i32| DeliveryResult {
+        update_id: first.update.id,
+        device_id: first.device_id,
+        attempt,
+        outcome: DeliveryOutcome::Released,
+    };
+    store.record_deliveries(&[release(2)]).await.unwrap();
+    assert!(
+        store.claim_deliveries(10, lease).await.unwrap().is_empty(),
+        "a stale release leaves the claim alone"
+    );
+    store.record_deliveries(&[release(1)]).await.unwrap();
+    let again = store.claim_deliveries(10, lease).await.unwrap();
+    assert_eq!(again.len(), 1, "due again at once");
+    assert_eq!(again[0].attempt, 1, "the attempt was not spent");
+}
+
 /// A Sent outcome rewrites a device's lastPushAt only when it is a second or more old: a burst
 /// of pushes to one device writes its row once, and a push after a quiet second moves it on.
 /// Both recording paths (a batch of Sent alone, PostgreSQL's one statement; a mixed batch).
@@ -436,11 +474,10 @@ async fn handed_off_deliveries_are_claimed_until_their_lease_ends(engine: Engine
     let mut want = vec![phone, tablet];
     want.sort();
     assert_eq!(devices, want);
-    assert!(
-        appended.claimed.iter().all(|d| d.attempt == 1
-            && d.update.id == appended.updates[0].id
-            && d.token.len() == 64)
-    );
+    assert!(appended.claimed.iter().all(|d| d.attempt == 1
+        && d.update.id == appended.updates[0].id
+        && d.token.len() == 64
+        && d.lease_until == handoff.until));
     assert!(
         store
             .claim_deliveries(10, Duration::from_secs(60))
@@ -690,5 +727,6 @@ both_engines!(
     delete_only_own_devices,
     concurrent_registrations_of_one_token_make_one_device,
     recorded_outcomes_are_fenced_by_attempt,
+    released_deliveries_are_due_again_without_spending_the_attempt,
     last_push_at_moves_at_most_once_a_second,
 );

@@ -32,6 +32,7 @@ struct LaneMetrics {
     held: metrics::Counter,
     pruned: metrics::Counter,
     misconfigured: metrics::Counter,
+    released: metrics::Counter,
     lag: metrics::Histogram,
 }
 
@@ -47,6 +48,7 @@ impl LaneMetrics {
             held: pushes("held"),
             pruned: metrics::counter!("herald_pruned_tokens_total", "provider" => provider, "app" => app.to_string()),
             misconfigured: metrics::counter!("herald_provider_misconfigured_total", "provider" => provider, "app" => app.to_string()),
+            released: metrics::counter!("herald_deliveries_released_total", "provider" => provider, "app" => app.to_string()),
             lag: metrics::histogram!("herald_delivery_lag_seconds", "provider" => provider),
         }
     }
@@ -178,7 +180,15 @@ async fn send_one(context: &Context, lane: &LaneState, delivery: DueDelivery) ->
     let expires = delivery.update.created_at + ttl;
     let now = Utc::now();
     let metrics = &lane.metrics;
-    let outcome = if now >= expires {
+    // A push started this late could still be in flight when the lease runs out and the sweep
+    // hands the delivery to another sender: the device would get it twice. Half the lease is
+    // the room a push needs to finish (the providers' request timeout) and be recorded.
+    let margin = chrono::Duration::milliseconds(
+        i64::try_from(config.lease_secs.saturating_mul(500)).unwrap_or(i64::MAX / 2),
+    );
+    let outcome = if now + margin > delivery.lease_until {
+        DeliveryOutcome::Released
+    } else if now >= expires {
         DeliveryOutcome::Failed {
             reason: "expired before it could be delivered".into(),
         }
@@ -216,6 +226,10 @@ async fn send_one(context: &Context, lane: &LaneState, delivery: DueDelivery) ->
         DeliveryOutcome::Hold { .. } => {
             metrics.held.increment(1);
             "held"
+        }
+        DeliveryOutcome::Released => {
+            metrics.released.increment(1);
+            "released"
         }
     };
     tracing::debug!(outcome = label, "push attempt finished");

@@ -24,6 +24,12 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// Shortest time between two claims while appends keep coming (each wakes the dispatcher).
 const CLAIM_GAP: Duration = Duration::from_millis(5);
 
+/// Handed-off deliveries waiting to be sent, in batches: beyond that, appends leave theirs
+/// pending in the outbox. A burst that outruns the providers is sent from memory instead of
+/// being written pending and claimed back (on PostgreSQL a claim rewrites every row, with an
+/// index entry each); a push that waited too long for its lease is released, not sent late.
+const HANDOFF_BATCHES: usize = 4;
+
 /// Most outcomes recorded in one transaction.
 const RECORD_MAX: usize = 512;
 
@@ -89,7 +95,7 @@ impl Dispatcher {
         let handoffs = Arc::new(Handoffs {
             owner: format!("handoff:{}", uuid::Uuid::now_v7()),
             lease: Duration::from_secs(config.lease_secs),
-            room: config.batch_size,
+            room: config.batch_size.saturating_mul(HANDOFF_BATCHES),
             queue: Mutex::new(Vec::new()),
             ready: tokio::sync::Notify::new(),
             closed: std::sync::atomic::AtomicBool::new(false),
@@ -301,6 +307,7 @@ mod tests {
             environment: None,
             app_id: "com.example.app".into(),
             attempt: 1,
+            lease_until: Utc::now() + chrono::Duration::seconds(60),
         }
     }
 

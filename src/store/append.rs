@@ -108,7 +108,7 @@ macro_rules! impl_append {
                     Self::notify_updates(tx).await?;
                 }
                 let mut claimed = Vec::new();
-                if handoff.is_some() {
+                if let Some(handoff) = handoff {
                     // The devices the outbox rows were just written for (same transaction, so the
                     // same set), read by user: no row per delivery comes back from the insert.
                     let users: Vec<&str> = of_user.keys().copied().collect();
@@ -123,7 +123,7 @@ macro_rules! impl_append {
                         // One copy of the update for all of its deliveries.
                         let update = std::sync::Arc::new((*update).clone());
                         for device in devices.get(*user).into_iter().flatten() {
-                            claimed.push(super::claimed::handed_off(&update, user, device)?);
+                            claimed.push(super::claimed::handed_off(&update, user, device, handoff)?);
                         }
                     }
                 }

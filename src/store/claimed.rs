@@ -18,12 +18,13 @@ pub(super) type DeviceRow = (Uuid, String, String, Option<String>, String);
 pub(super) type UserDeviceRow = (Uuid, String, String, Option<String>, String, String);
 
 /// The delivery of `update` to the device `(id, platform, token, environment, app)` as
-/// stored, at `attempt`.
+/// stored, at `attempt`, leased until `lease_until`.
 fn due(
     update: Arc<Update>,
     user_id: String,
     (device_id, platform, token, environment, app_id): DeviceRow,
     attempt: i32,
+    lease_until: DateTime<Utc>,
 ) -> Result<DueDelivery, StoreError> {
     let platform = Platform::parse(&platform)
         .ok_or_else(|| StoreError::Corrupt(format!("device platform {platform:?}")))?;
@@ -36,16 +37,24 @@ fn due(
         environment: environment.as_deref().and_then(ApnsEnvironment::parse),
         app_id,
         attempt,
+        lease_until,
     })
 }
 
-/// The claimed delivery of `update` to `device`, first attempt.
+/// The claimed delivery of `update` to `device`, first attempt, under `handoff`.
 pub(super) fn handed_off(
     update: &Arc<Update>,
     user_id: &str,
     device: &DeviceRow,
+    handoff: &super::outbox::Handoff,
 ) -> Result<DueDelivery, StoreError> {
-    due(update.clone(), user_id.to_string(), device.clone(), 1)
+    due(
+        update.clone(),
+        user_id.to_string(),
+        device.clone(),
+        1,
+        handoff.until,
+    )
 }
 
 #[derive(Debug, sqlx::FromRow)]
@@ -67,10 +76,10 @@ pub(super) struct DueRow {
     created_at: DateTime<Utc>,
 }
 
-impl TryFrom<DueRow> for DueDelivery {
-    type Error = StoreError;
-
-    fn try_from(row: DueRow) -> Result<Self, StoreError> {
+impl DueRow {
+    /// The claimed delivery this row is, leased until `lease_until`.
+    pub(super) fn into_due(self, lease_until: DateTime<Utc>) -> Result<DueDelivery, StoreError> {
+        let row = self;
         let update = Update {
             seq: row.seq,
             id: row.update_id,
@@ -88,7 +97,13 @@ impl TryFrom<DueRow> for DueDelivery {
             row.environment,
             row.app_id,
         );
-        due(Arc::new(update), row.user_id, device, row.attempts)
+        due(
+            Arc::new(update),
+            row.user_id,
+            device,
+            row.attempts,
+            lease_until,
+        )
     }
 }
 
@@ -112,8 +127,11 @@ type JsonDue = (
     String,
 );
 
-/// Claimed deliveries out of a JSON array of [`JsonDue`] rows.
-pub(super) fn due_from_json(json: &str) -> Result<Vec<DueDelivery>, StoreError> {
+/// Claimed deliveries out of a JSON array of [`JsonDue`] rows, leased until `lease_until`.
+pub(super) fn due_from_json(
+    json: &str,
+    lease_until: DateTime<Utc>,
+) -> Result<Vec<DueDelivery>, StoreError> {
     let corrupt =
         |what: &str, e: &dyn std::fmt::Display| StoreError::Corrupt(format!("claimed {what}: {e}"));
     let uuid = |hex: &str| Uuid::parse_str(hex).map_err(|e| corrupt("id", &e));
@@ -137,7 +155,7 @@ pub(super) fn due_from_json(json: &str) -> Result<Vec<DueDelivery>, StoreError> 
                     .with_timezone(&Utc),
             };
             let device = (uuid(&device_id)?, platform, token, environment, app_id);
-            due(Arc::new(update), user_id, device, attempts)
+            due(Arc::new(update), user_id, device, attempts, lease_until)
         })
         .collect()
 }

@@ -31,6 +31,8 @@ pub struct DueDelivery {
     pub app_id: String,
     /// This attempt (1-based); fences the outcome.
     pub attempt: i32,
+    /// When the claim's lease runs out and the delivery is due again for any sender.
+    pub lease_until: DateTime<Utc>,
 }
 
 /// What to record for one sent (or not sent) delivery.
@@ -69,6 +71,9 @@ pub enum DeliveryOutcome {
         /// Why.
         reason: String,
     },
+    /// Not sent: too little of the lease was left for a push to finish inside it. Due again
+    /// at once, for any sender, without spending the attempt.
+    Released,
 }
 
 /// One outcome, fenced by the attempt that was claimed.
@@ -333,6 +338,16 @@ macro_rules! impl_outbox {
                                 ),
                                 Some(reason.clone()),
                                 Some(*until),
+                            ),
+                            DeliveryOutcome::Released => (
+                                concat!(
+                                    "UPDATE deliveries SET status = 'pending', attempts = attempts - 1, \
+                                     last_error = COALESCE($4, last_error), updated_at = $5, next_attempt_at = $5, \
+                                     lease_owner = NULL, lease_expires_at = NULL",
+                                    " WHERE update_id = $1 AND device_id = $2 AND status = 'sending' AND attempts = $3"
+                                ),
+                                None,
+                                None,
                             ),
                             DeliveryOutcome::Failed { reason } | DeliveryOutcome::InvalidToken { reason, .. } => (
                                 concat!(

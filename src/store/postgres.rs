@@ -246,7 +246,7 @@ impl PgStore {
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
         let mut claimed = Vec::new();
-        if handoff.is_some() {
+        if let Some(handoff) = handoff {
             // One copy of each update for all of its deliveries.
             let by_id: std::collections::HashMap<uuid::Uuid, (&str, Arc<crate::updates::Update>)> =
                 events
@@ -260,7 +260,7 @@ impl PgStore {
                         "a handed-off delivery lost its update".into(),
                     ));
                 };
-                claimed.push(super::claimed::handed_off(update, user, device)?);
+                claimed.push(super::claimed::handed_off(update, user, device, handoff)?);
             }
         }
         Ok(Some(super::Appended { updates, claimed }))
@@ -360,7 +360,7 @@ impl PgStore {
         .bind(max)
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter().map(TryInto::try_into).collect()
+        rows.into_iter().map(|row| row.into_due(until)).collect()
     }
 
     /// Move each user's counter on by its count; the new values come back.

@@ -167,7 +167,7 @@ impl SqliteStore {
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
-        super::claimed::due_from_json(&json)
+        super::claimed::due_from_json(&json, until)
     }
 
     /// Move each user's counter on by its count; the new values come back in one JSON row,
