@@ -17,7 +17,9 @@
 //! default 512: many services publishing at once, enough that appends are not capped by one
 //! commit's round trip), PIPELINE_ENGINES (`sqlite,postgres`), PIPELINE_ONLY=apart (only the
 //! append and dispatch stages measured apart, for profiling), PIPELINE_PERF_CTL (the control FIFO of
-//! `perf record --control=fifo:FIFO -D -1`: only the full-load run is recorded),
+//! `perf record --control=fifo:FIFO -D -1`: only the full-load run is recorded; with
+//! PIPELINE_PERF_RUN=raw the raw run after it instead), PIPELINE_LOG (the tracing filter; default
+//! the node's, `info`, with its subscriber installed as `herald serve` does),
 //! HERALD_TEST_DATABASE_URL (default
 //! postgres://postgres@127.0.0.1:5432/postgres).
 
@@ -796,9 +798,16 @@ async fn bench_engine(engine: &str, url: &str, p: Params) {
     let _ = raw.run(warm).await;
     // Load on a shared machine drifts: raw before and after Herald, Herald's run in between.
     let (raw_before, raw_cpu_before) = raw.run(p).await;
-    let full = full_load(&running, &fakes, p, base, true).await;
+    let profile_raw = std::env::var("PIPELINE_PERF_RUN").is_ok_and(|v| v == "raw");
+    let full = full_load(&running, &fakes, p, base, !profile_raw).await;
     base += p.updates();
+    if profile_raw {
+        perf_control("enable");
+    }
     let (raw_after, raw_cpu_after) = raw.run(p).await;
+    if profile_raw {
+        perf_control("disable");
+    }
     let raw_rate = 2.0 / (1.0 / raw_before + 1.0 / raw_after);
     let raw_cpu = (raw_cpu_before + raw_cpu_after) / 2;
     // Half load: paced at half the pushes/s just measured (two pushes per update).
@@ -867,6 +876,11 @@ fn main() {
         .div_ceil(p.appenders)
         * p.appenders;
     let p = Params { users, ..p };
+    // Logging as `herald serve` sets it up (the default filter unless PIPELINE_LOG says
+    // otherwise), so the spans and events it costs are measured too.
+    let defaults = Config::defaults().expect("config");
+    let filter = std::env::var("PIPELINE_LOG").unwrap_or(defaults.log);
+    herald::telemetry::init_tracing(&filter, defaults.log_format);
     let engines = std::env::var("PIPELINE_ENGINES").unwrap_or_else(|_| "sqlite,postgres".into());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -396,6 +396,7 @@ impl ApnsSender {
                     Ok(()) => renewed = true,
                     Err(TokenError::TooSoon(wait)) => {
                         tracing::warn!(
+                            topic = %inner.topic,
                             "APNs says our provider token expired, but it is younger than 20 minutes: clock skew?"
                         );
                         return PushOutcome::Retry {

@@ -231,7 +231,9 @@ impl FcmSender {
     }
 
     /// Send one message and classify the result. Never panics.
-    #[tracing::instrument(skip_all, fields(app = %self.inner.app_id))]
+    // Debug level, like the dispatcher's per-delivery span: a span per push at info is a
+    // measurable share of the pipeline's CPU under the fmt subscriber.
+    #[tracing::instrument(level = "debug", skip_all, fields(app = %self.inner.app_id))]
     pub async fn send(&self, req: &FcmRequest) -> PushOutcome {
         let body = match message::build_message(req, SystemTime::now())
             .and_then(|m| message::request_body(&m, req.validate_only))
@@ -247,7 +249,7 @@ impl FcmSender {
             Verdict::Outcome(o) => o,
             Verdict::Unauthorized(first) => {
                 // Our token was refused (revoked, expired early): refresh once and resend.
-                tracing::info!(reason = %first, "fcm: access token refused, refreshing");
+                tracing::info!(app = %self.inner.app_id, reason = %first, "fcm: access token refused, refreshing");
                 self.inner.tokens.invalidate(&token);
                 let fresh = match self.inner.tokens.get().await {
                     Ok(t) => t,
