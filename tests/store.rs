@@ -668,6 +668,38 @@ async fn open_deliveries_are_found_by_device_in_flight_or_pending(engine: Engine
     assert_eq!(listed[0].status, DeviceStatus::Invalid);
 }
 
+/// SQLite's WAL is folded into the database file by the store's own checkpointing connection,
+/// not only by the writer once the WAL passes its threshold (far above what is written here),
+/// and whatever is left when the store closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_checkpoints_the_wal_in_the_background() {
+    let (db, store) = open(Engine::Sqlite).await;
+    let file = std::path::PathBuf::from(db.url.trim_start_matches("sqlite://"));
+    let main_file = || std::fs::metadata(&file).unwrap().len();
+    // Let the checkpoints of the migrations settle first.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let before = main_file();
+    // A few hundred KiB of device rows: pages the main file has never held.
+    for n in 0..400 {
+        store.upsert_device("alice", &apns(1000 + n)).await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while main_file() <= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the WAL was never checkpointed ({before} bytes)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    store.upsert_device("alice", &apns(2000)).await.unwrap();
+    store.close().await;
+    let wal = std::path::PathBuf::from(format!("{}-wal", file.display()));
+    assert!(
+        std::fs::metadata(&wal).map_or(true, |m| m.len() == 0),
+        "closing leaves no WAL behind"
+    );
+}
+
 /// A delivery left behind by a device deleted while its update was being appended (possible on
 /// PostgreSQL, which keeps no foreign key to devices) is dropped by the claim, not leased again
 /// and again.

@@ -67,6 +67,10 @@ impl PgStore {
         &MIGRATOR
     }
 
+    async fn close_pools(&self) {
+        self.pool.close().await;
+    }
+
     /// The one-statement claim; SKIP LOCKED lets nodes claim side by side without waiting.
     async fn claim_rows(
         tx: &mut Transaction<'_, Postgres>,

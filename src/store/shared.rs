@@ -527,8 +527,7 @@ macro_rules! impl_store {
             }
 
             async fn close(&self) {
-                self.writer().close().await;
-                self.reader().close().await;
+                self.close_pools().await;
             }
         }
     };
