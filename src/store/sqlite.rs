@@ -151,24 +151,175 @@ impl SqliteStore {
         Ok(None)
     }
 
-    /// In-process, a few statements in a transaction cost no round trips: no single-statement
-    /// path needed.
+    /// A batch of published events appended in one transaction of three round trips to the
+    /// connection's thread (BEGIN, one query of four statements, COMMIT) instead of seven: the
+    /// writer is the one serial resource of a SQLite node, and while the task that holds it
+    /// waits to be scheduled between statements nothing else can be written. The steps are
+    /// those of `append_updates_leased`: counters bumped once per user, updates numbered in
+    /// batch order from the bumped counters, one delivery per active device (claimed under
+    /// `handoff` when given). The batch travels as JSON, so the query text, and its prepared
+    /// statements, are the same whatever the batch.
     async fn append_updates_at_once(
         &self,
-        _events: &[(&str, &crate::updates::NewUpdate)],
-        _now: DateTime<Utc>,
-        _handoff: Option<&super::Handoff>,
+        events: &[(&str, &crate::updates::NewUpdate)],
+        now: DateTime<Utc>,
+        handoff: Option<&super::Handoff>,
     ) -> Result<Option<super::Appended>, StoreError> {
-        Ok(None)
+        use std::collections::{BTreeMap, HashMap};
+        let json = |e: serde_json::Error| StoreError::Corrupt(format!("append batch: {e}"));
+        // Per user: how many updates, and each update's place among them (1-based).
+        let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
+        let mut places = Vec::with_capacity(events.len());
+        for (user, _) in events {
+            let n = counts.entry(*user).or_default();
+            *n += 1;
+            places.push(*n);
+        }
+        let ids: Vec<uuid::Uuid> = events.iter().map(|_| uuid::Uuid::now_v7()).collect();
+        let mut rows = Vec::with_capacity(events.len());
+        for (((user, new), id), place) in events.iter().zip(&ids).zip(&places) {
+            let data = new.data.as_ref().map(serde_json::to_string).transpose();
+            let notification = new
+                .notification
+                .as_ref()
+                .map(serde_json::to_string)
+                .transpose();
+            rows.push(serde_json::json!([
+                id.simple().to_string(),
+                user,
+                counts.get(user).copied().unwrap_or(1),
+                place,
+                new.kind,
+                new.tracking_id.map(|t| t.simple().to_string()),
+                new.status,
+                data.map_err(json)?,
+                notification.map_err(json)?,
+            ]));
+        }
+        let counts_json = serde_json::to_string(&counts).map_err(json)?;
+        let rows_json = serde_json::to_string(&rows).map_err(json)?;
+        let (status, attempts) = if handoff.is_some() {
+            ("sending", 1)
+        } else {
+            ("pending", 0)
+        };
+        let mut tx = self.writer.begin().await?;
+        let found: Vec<(String,)> = sqlx::query_as(
+            "INSERT INTO user_seqs (user_id, last_seq) SELECT key, value FROM json_each($1) WHERE true \
+             ON CONFLICT (user_id) DO UPDATE SET last_seq = user_seqs.last_seq + excluded.last_seq; \
+             INSERT INTO updates (id, user_id, seq, type, tracking_id, status, data, notification, created_at) \
+             SELECT unhex(e.value ->> 0), e.value ->> 1, \
+             (SELECT last_seq FROM user_seqs WHERE user_id = e.value ->> 1) - (e.value ->> 2) + (e.value ->> 3), \
+             e.value ->> 4, unhex(e.value ->> 5), e.value ->> 6, e.value ->> 7, e.value ->> 8, $3 \
+             FROM json_each($2) e; \
+             INSERT INTO deliveries (update_id, device_id, user_id, status, attempts, lease_owner, \
+             lease_expires_at, next_attempt_at, created_at, updated_at) \
+             SELECT u.id, v.id, v.user_id, $4, $5, $6, $7, u.created_at, u.created_at, u.created_at \
+             FROM updates u JOIN devices v ON v.user_id = u.user_id AND v.status = 'active' \
+             WHERE u.id IN (SELECT unhex(value ->> 0) FROM json_each($2)); \
+             SELECT json_array(\
+             (SELECT json_group_array(json_array(user_id, last_seq)) FROM user_seqs \
+              WHERE user_id IN (SELECT key FROM json_each($1))), \
+             CASE WHEN $8 THEN (SELECT json_group_array(json_array(hex(id), platform, token, environment, \
+              app_id, user_id)) FROM devices WHERE status = 'active' \
+              AND user_id IN (SELECT key FROM json_each($1))) ELSE json_array() END)",
+        )
+        .bind(&counts_json)
+        .bind(&rows_json)
+        .bind(now)
+        .bind(status)
+        .bind(attempts)
+        .bind(handoff.map(|h| h.owner.as_str()))
+        .bind(handoff.map(|h| h.until))
+        .bind(handoff.is_some())
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let [(answer,)] = <[(String,); 1]>::try_from(found)
+            .map_err(|_| StoreError::Corrupt("the append returned no answer".into()))?;
+        type DeviceJson = (String, String, String, Option<String>, String, String);
+        let (counters, devices): (Vec<(String, i64)>, Vec<DeviceJson>) =
+            serde_json::from_str(&answer).map_err(json)?;
+        let last: HashMap<String, i64> = counters.into_iter().collect();
+        let mut updates = Vec::with_capacity(events.len());
+        for (((user, new), id), place) in events.iter().zip(&ids).zip(&places) {
+            let (Some(last), Some(n)) = (last.get(*user), counts.get(user)) else {
+                return Err(StoreError::Corrupt(format!(
+                    "no counter came back for {user}"
+                )));
+            };
+            updates.push(new.appended(*id, last - n + place, now));
+        }
+        let mut claimed = Vec::new();
+        if let Some(handoff) = handoff {
+            let mut by_user: HashMap<String, Vec<super::claimed::DeviceRow>> = HashMap::new();
+            for (id, platform, token, environment, app_id, user) in devices {
+                let id = uuid::Uuid::parse_str(&id)
+                    .map_err(|e| StoreError::Corrupt(format!("device id {id:?}: {e}")))?;
+                by_user
+                    .entry(user)
+                    .or_default()
+                    .push((id, platform, token, environment, app_id));
+            }
+            for ((user, _), update) in events.iter().zip(&updates) {
+                // One copy of the update for all of its deliveries.
+                let update = Arc::new(update.clone());
+                for device in by_user.get(*user).into_iter().flatten() {
+                    claimed.push(super::claimed::handed_off(&update, user, device, handoff)?);
+                }
+            }
+        }
+        Ok(Some(super::Appended { updates, claimed }))
     }
 
-    /// Statements in a transaction cost no round trips in-process: no single-statement path.
+    /// A batch of outcomes that are all Sent (nearly every batch) recorded in one transaction
+    /// of three round trips to the connection's thread, whatever its size (see
+    /// [`Self::append_updates_at_once`]): the rows go as JSON into one query of two
+    /// statements. Fenced by attempt, and every device pushed to touched unless it was within
+    /// [`super::outbox::LAST_PUSH_RESOLUTION`], as in the general path. False when the batch
+    /// holds another outcome.
     async fn record_sent_at_once(
         &self,
-        _results: &[super::DeliveryResult],
-        _now: DateTime<Utc>,
+        results: &[super::DeliveryResult],
+        now: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        Ok(false)
+        let mut sent = Vec::with_capacity(results.len());
+        let mut devices = Vec::with_capacity(results.len());
+        for r in results {
+            let super::DeliveryOutcome::Sent { provider_id } = &r.outcome else {
+                return Ok(false);
+            };
+            sent.push(serde_json::json!([
+                r.update_id.simple().to_string(),
+                r.device_id.simple().to_string(),
+                r.attempt,
+                provider_id,
+            ]));
+            devices.push(r.device_id);
+        }
+        devices.sort_unstable();
+        devices.dedup();
+        let devices: Vec<String> = devices.iter().map(|d| d.simple().to_string()).collect();
+        let json = |e: serde_json::Error| StoreError::Corrupt(format!("outcome batch: {e}"));
+        let sent = serde_json::to_string(&sent).map_err(json)?;
+        let devices = serde_json::to_string(&devices).map_err(json)?;
+        let mut tx = self.writer.begin().await?;
+        sqlx::query(
+            "UPDATE deliveries SET status = 'sent', provider_id = b.value ->> 3, updated_at = $1, \
+             lease_owner = NULL, lease_expires_at = NULL FROM json_each($2) b \
+             WHERE update_id = unhex(b.value ->> 0) AND device_id = unhex(b.value ->> 1) \
+             AND status = 'sending' AND attempts = (b.value ->> 2); \
+             UPDATE devices SET last_push_at = $1 WHERE id IN (SELECT unhex(value) FROM json_each($3)) \
+             AND (last_push_at IS NULL OR last_push_at < $4)",
+        )
+        .bind(now)
+        .bind(&sent)
+        .bind(&devices)
+        .bind(now - super::outbox::LAST_PUSH_RESOLUTION)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Claim up to `max` due deliveries under `owner` until `until`, and read them back, oldest
