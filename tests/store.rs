@@ -308,14 +308,7 @@ async fn released_deliveries_are_due_again_without_spending_the_attempt(engine: 
     use herald::store::{DeliveryOutcome, DeliveryResult};
     let (_db, store) = open(engine).await;
     store.upsert_device("alice", &apns(30)).await.unwrap();
-    let update = herald::updates::NewUpdate {
-        kind: "order.shipped".into(),
-        tracking_id: None,
-        status: None,
-        data: None,
-        notification: None,
-    };
-    store.publish_event("alice", &update).await.unwrap();
+    store.publish_event("alice", &shipped()).await.unwrap();
     let lease = Duration::from_secs(60);
     let claimed = store.claim_deliveries(10, lease).await.unwrap();
     assert_eq!(claimed.len(), 1);
