@@ -189,7 +189,10 @@ async fn send_one(context: &Context, lane: &LaneState, delivery: DueDelivery) ->
     let margin = chrono::Duration::milliseconds(
         i64::try_from(config.lease_secs.saturating_mul(500)).unwrap_or(i64::MAX / 2),
     );
-    let outcome = if now + margin > delivery.lease_until {
+    let outcome = if now
+        .checked_add_signed(margin)
+        .is_none_or(|latest| latest > delivery.lease_until)
+    {
         DeliveryOutcome::Released
     } else if now >= expires {
         DeliveryOutcome::Failed {

@@ -67,6 +67,7 @@ impl PgStore {
         &MIGRATOR
     }
 
+    /// Close the pool (readers and writers share it).
     async fn close_pools(&self) {
         self.pool.close().await;
     }
