@@ -112,20 +112,12 @@ macro_rules! impl_append {
                     // The devices the outbox rows were just written for (same transaction, so the
                     // same set), read by user: no row per delivery comes back from the insert.
                     let users: Vec<&str> = of_user.keys().copied().collect();
-                    let mut devices: HashMap<String, Vec<super::claimed::DeviceRow>> = HashMap::new();
+                    let mut found = Vec::new();
                     for chunk in super::outbox::chunked(&users) {
-                        let found = Self::active_devices(tx, chunk).await?;
-                        for (id, platform, token, environment, app_id, user) in found {
-                            devices.entry(user).or_default().push((id, platform, token, environment, app_id));
-                        }
+                        found.extend(Self::active_devices(tx, chunk).await?);
                     }
-                    for (user, update) in &rows {
-                        // One copy of the update for all of its deliveries.
-                        let update = std::sync::Arc::new((*update).clone());
-                        for device in devices.get(*user).into_iter().flatten() {
-                            claimed.push(super::claimed::handed_off(&update, user, device, handoff)?);
-                        }
-                    }
+                    let devices = super::claimed::by_user(found);
+                    claimed = super::claimed::hand_off(rows.iter().copied(), &devices, handoff)?;
                 }
                 Ok(super::outbox::Appended { updates: appended, claimed })
             }

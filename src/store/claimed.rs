@@ -57,6 +57,38 @@ pub(super) fn handed_off(
     )
 }
 
+/// `rows` grouped by their user.
+pub(super) fn by_user(
+    rows: impl IntoIterator<Item = UserDeviceRow>,
+) -> std::collections::HashMap<String, Vec<DeviceRow>> {
+    let mut devices: std::collections::HashMap<String, Vec<DeviceRow>> =
+        std::collections::HashMap::new();
+    for (id, platform, token, environment, app_id, user) in rows {
+        devices
+            .entry(user)
+            .or_default()
+            .push((id, platform, token, environment, app_id));
+    }
+    devices
+}
+
+/// The deliveries an append claimed under `handoff`: each of `updates` (with its user) to each
+/// of that user's `devices`, one shared copy of the update for all of its deliveries.
+pub(super) fn hand_off<'a>(
+    updates: impl IntoIterator<Item = (&'a str, &'a Update)>,
+    devices: &std::collections::HashMap<String, Vec<DeviceRow>>,
+    handoff: &super::outbox::Handoff,
+) -> Result<Vec<DueDelivery>, StoreError> {
+    let mut claimed = Vec::new();
+    for (user, update) in updates {
+        let update = Arc::new(update.clone());
+        for device in devices.get(user).into_iter().flatten() {
+            claimed.push(handed_off(&update, user, device, handoff)?);
+        }
+    }
+    Ok(claimed)
+}
+
 #[derive(Debug, sqlx::FromRow)]
 pub(super) struct DueRow {
     update_id: Uuid,

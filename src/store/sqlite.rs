@@ -237,7 +237,6 @@ impl SqliteStore {
         tx.commit().await?;
         let [(answer,)] = <[(String,); 1]>::try_from(found)
             .map_err(|_| StoreError::Corrupt("the append returned no answer".into()))?;
-        type DeviceJson = (String, String, String, Option<String>, String, String);
         let (counters, devices): (Vec<(String, i64)>, Vec<DeviceJson>) =
             serde_json::from_str(&answer).map_err(json)?;
         let last: HashMap<String, i64> = counters.into_iter().collect();
@@ -252,22 +251,9 @@ impl SqliteStore {
         }
         let mut claimed = Vec::new();
         if let Some(handoff) = handoff {
-            let mut by_user: HashMap<String, Vec<super::claimed::DeviceRow>> = HashMap::new();
-            for (id, platform, token, environment, app_id, user) in devices {
-                let id = uuid::Uuid::parse_str(&id)
-                    .map_err(|e| StoreError::Corrupt(format!("device id {id:?}: {e}")))?;
-                by_user
-                    .entry(user)
-                    .or_default()
-                    .push((id, platform, token, environment, app_id));
-            }
-            for ((user, _), update) in events.iter().zip(&updates) {
-                // One copy of the update for all of its deliveries.
-                let update = Arc::new(update.clone());
-                for device in by_user.get(*user).into_iter().flatten() {
-                    claimed.push(super::claimed::handed_off(&update, user, device, handoff)?);
-                }
-            }
+            let devices = super::claimed::by_user(device_rows(devices)?);
+            let of_user = events.iter().map(|(user, _)| *user).zip(&updates);
+            claimed = super::claimed::hand_off(of_user, &devices, handoff)?;
         }
         Ok(Some(super::Appended { updates, claimed }))
     }
@@ -406,16 +392,9 @@ impl SqliteStore {
         }
         query.push(")");
         let json: String = query.build_query_scalar().fetch_one(&mut **tx).await?;
-        let rows: Vec<(String, String, String, Option<String>, String, String)> =
-            serde_json::from_str(&json)
-                .map_err(|e| StoreError::Corrupt(format!("devices: {e}")))?;
-        rows.into_iter()
-            .map(|(id, platform, token, environment, app_id, user)| {
-                let id = uuid::Uuid::parse_str(&id)
-                    .map_err(|e| StoreError::Corrupt(format!("device id {id:?}: {e}")))?;
-                Ok((id, platform, token, environment, app_id, user))
-            })
-            .collect()
+        let rows: Vec<DeviceJson> = serde_json::from_str(&json)
+            .map_err(|e| StoreError::Corrupt(format!("devices: {e}")))?;
+        device_rows(rows)
     }
 
     /// In-process wake-ups are enough for a single node.
@@ -430,6 +409,21 @@ impl SqliteStore {
     ) -> Result<(), sqlx::Error> {
         Ok(())
     }
+}
+
+/// A device as the JSON rows of this engine carry it: id in hex, platform, token,
+/// environment, app, user.
+type DeviceJson = (String, String, String, Option<String>, String, String);
+
+/// Devices out of [`DeviceJson`] rows.
+fn device_rows(rows: Vec<DeviceJson>) -> Result<Vec<super::claimed::UserDeviceRow>, StoreError> {
+    rows.into_iter()
+        .map(|(id, platform, token, environment, app_id, user)| {
+            let id = uuid::Uuid::parse_str(&id)
+                .map_err(|e| StoreError::Corrupt(format!("device id {id:?}: {e}")))?;
+            Ok((id, platform, token, environment, app_id, user))
+        })
+        .collect()
 }
 
 /// Checkpoint the WAL every [`CHECKPOINT_EVERY`] until `stop`. PASSIVE: it copies what no
