@@ -434,6 +434,40 @@ async fn batched_appends_number_each_users_log_in_order(engine: Engine) {
     assert!(store.publish_events(&[]).await.unwrap().is_empty());
 }
 
+/// What an update carries comes back as it went in, whatever characters and numbers it holds
+/// (SQLite's append passes the batch through JSON inside the query).
+async fn appended_updates_keep_their_data_exactly(engine: Engine) {
+    let (_db, store) = open(engine).await;
+    store.upsert_device("alice", &apns(45)).await.unwrap();
+    let data = serde_json::json!({
+        "quote": "say \"hi\"\\ \n\t", "unicode": "Grüße 📦 \u{2028}", "empty": {},
+        "nested": [1, -2.5, 1e300, 18446744073709551615u64, null, true, [], {"z": "a", "a": "z"}],
+    });
+    let notification = herald::jobs::Notification {
+        title: Some("It's \"here\"".into()),
+        body: Some("Ünïcödé ✓".into()),
+    };
+    let events = [
+        herald::updates::NewUpdate {
+            data: Some(data.clone()),
+            notification: Some(notification.clone()),
+            ..shipped()
+        },
+        shipped(),
+    ];
+    let batch: Vec<(String, herald::updates::NewUpdate)> = events
+        .into_iter()
+        .map(|e| ("alice".to_string(), e))
+        .collect();
+    store.publish_events(&batch).await.unwrap();
+    let log = store.list_updates("alice", 0, 10).await.unwrap();
+    assert_eq!(log.len(), 2);
+    assert_eq!(log[0].data.as_ref(), Some(&data));
+    assert_eq!(log[0].notification.as_ref(), Some(&notification));
+    assert_eq!(log[1].data, None, "no data stays no data");
+    assert_eq!(log[1].notification, None);
+}
+
 /// Deliveries appended with a handoff are written as claimed by the appending node and come
 /// back to it; nobody else can claim them until the lease runs out, then they are due again
 /// (a node that died holding them loses nothing).
@@ -743,6 +777,7 @@ both_engines!(
     open_deliveries_are_found_by_device_in_flight_or_pending,
     handed_off_deliveries_are_claimed_until_their_lease_ends,
     batched_appends_number_each_users_log_in_order,
+    appended_updates_keep_their_data_exactly,
     group_commit_keeps_order_and_idempotency,
     migrations_are_idempotent_and_ping_works,
     upsert_creates_then_refreshes,
