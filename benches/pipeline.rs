@@ -3,7 +3,10 @@
 //! share a transaction, one delivery per device in it) → deliveries claimed →
 //! sent to the fake APNs (TLS) and fake FCM (h2c) → outcomes recorded. Next to it, in the same
 //! run and against the same fakes, a minimal hyper HTTP/2 client sends equivalent requests at the
-//! same concurrency (the dispatcher's per-provider limit); the ratio is Herald / raw.
+//! same concurrency (the dispatcher's per-provider limit); the ratio is Herald / raw. Raw and
+//! Herald runs alternate for several rounds, each Herald run set against the raw runs either
+//! side of it, and the round with the median ratio is reported: this machine's speed drifts
+//! by tens of per cent within seconds.
 //!
 //! Latency is from "update committed" (the instant `publish_event` returned) to "push received
 //! by the fake" (`received_at` of the fakes' records), matched through a marker in the update's
@@ -17,10 +20,10 @@
 //! default 512: many services publishing at once, enough that appends are not capped by one
 //! commit's round trip), PIPELINE_ENGINES (`sqlite,postgres`), PIPELINE_ONLY=apart (only the
 //! append and dispatch stages measured apart, for profiling), PIPELINE_PERF_CTL (the control FIFO of
-//! `perf record --control=fifo:FIFO -D -1`: only the full-load run is recorded; with
-//! PIPELINE_PERF_RUN=raw the raw run after it instead), PIPELINE_LOG (the tracing filter; default
-//! the node's, `info`, with its subscriber installed as `herald serve` does),
-//! HERALD_TEST_DATABASE_URL (default
+//! `perf record --control=fifo:FIFO -D -1`: only the last round's full-load run is recorded;
+//! with PIPELINE_PERF_RUN=raw the raw run after it instead), PIPELINE_ROUNDS (rounds of raw
+//! and Herald runs, default 5), PIPELINE_LOG (the tracing filter; default the node's, `info`,
+//! with its subscriber installed as `herald serve` does), HERALD_TEST_DATABASE_URL (default
 //! postgres://postgres@127.0.0.1:5432/postgres).
 
 use std::path::PathBuf;
@@ -309,6 +312,16 @@ async fn drained(store: &Arc<dyn Store>, fakes: &Fakes, before: usize, pushes: u
         assert!(Instant::now() < deadline, "deliveries not drained");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+}
+
+/// One Herald run at full load and the raw rate around it.
+struct Round {
+    ratio: f64,
+    full: Run,
+    /// Harmonic mean of the raw runs before and after.
+    raw_rate: f64,
+    raw_runs: (f64, f64),
+    raw_cpu: Duration,
 }
 
 struct Run {
@@ -796,20 +809,44 @@ async fn bench_engine(engine: &str, url: &str, p: Params) {
     let _ = full_load(&running, &fakes, warm, base, false).await;
     base += warm.updates();
     let _ = raw.run(warm).await;
-    // Load on a shared machine drifts: raw before and after Herald, Herald's run in between.
-    let (raw_before, raw_cpu_before) = raw.run(p).await;
+    // Load on a shared machine drifts, within seconds: rounds of raw, Herald, raw, Herald, ...,
+    // raw; each Herald run is set against the raw runs either side of it, and the round with
+    // the median ratio is the one reported.
+    let rounds = env_usize("PIPELINE_ROUNDS", 5).max(1);
     let profile_raw = std::env::var("PIPELINE_PERF_RUN").is_ok_and(|v| v == "raw");
-    let full = full_load(&running, &fakes, p, base, !profile_raw).await;
-    base += p.updates();
-    if profile_raw {
-        perf_control("enable");
+    let (mut raw_before, mut raw_cpu_before) = raw.run(p).await;
+    let mut measured = Vec::with_capacity(rounds);
+    for round in 1..=rounds {
+        // Only the last round is profiled.
+        let profiled = round == rounds;
+        let full = full_load(&running, &fakes, p, base, profiled && !profile_raw).await;
+        base += p.updates();
+        if profiled && profile_raw {
+            perf_control("enable");
+        }
+        let (raw_after, raw_cpu_after) = raw.run(p).await;
+        if profiled && profile_raw {
+            perf_control("disable");
+        }
+        let raw_rate = 2.0 / (1.0 / raw_before + 1.0 / raw_after);
+        measured.push(Round {
+            ratio: full.pushes_per_sec / raw_rate,
+            full,
+            raw_rate,
+            raw_runs: (raw_before, raw_after),
+            raw_cpu: (raw_cpu_before + raw_cpu_after) / 2,
+        });
+        (raw_before, raw_cpu_before) = (raw_after, raw_cpu_after);
     }
-    let (raw_after, raw_cpu_after) = raw.run(p).await;
-    if profile_raw {
-        perf_control("disable");
-    }
-    let raw_rate = 2.0 / (1.0 / raw_before + 1.0 / raw_after);
-    let raw_cpu = (raw_cpu_before + raw_cpu_after) / 2;
+    measured.sort_by(|a, b| a.ratio.total_cmp(&b.ratio));
+    let ratios: Vec<String> = measured.iter().map(|r| format!("{:.2}", r.ratio)).collect();
+    let Round {
+        ratio,
+        full,
+        raw_rate,
+        raw_runs: (raw_before, raw_after),
+        raw_cpu,
+    } = measured.swap_remove(measured.len() / 2);
     // Half load: paced at half the pushes/s just measured (two pushes per update).
     let half_rate = std::env::var("PIPELINE_PACED_RATE")
         .ok()
@@ -850,12 +887,15 @@ async fn bench_engine(engine: &str, url: &str, p: Params) {
         ms(half.max),
     );
     println!(
-        "{engine:<9} herald {:>6.0} pushes/s | raw h2 {:>6.0} pushes/s | ratio {:.2} (goal >= 0.50) \
+        "  {engine}: ratios of the {rounds} rounds, sorted: {}; the median round is reported",
+        ratios.join(" "),
+    );
+    println!(
+        "{engine:<9} herald {:>6.0} pushes/s | raw h2 {:>6.0} pushes/s | ratio {ratio:.2} (goal >= 0.50) \
          | full load p50 {:>6.1} ms p99 {:>6.1} ms | half load ({half_rate:.0}/s) p50 {:>5.1} ms \
          p99 {:>5.1} ms (goal < 50)",
         full.pushes_per_sec,
         raw_rate,
-        full.pushes_per_sec / raw_rate,
         ms(full.p50),
         ms(full.p99),
         ms(half.p50),
