@@ -191,7 +191,10 @@ impl Endpoint {
         {
             return Err(SendError::Connect(why.clone()));
         }
-        match tokio::time::timeout(self.opts.connect_timeout, self.connect()).await {
+        // Boxed: the connect (TCP, TLS and HTTP/2 handshakes) is by far the largest state of
+        // every send's future, which a sender builds and moves for each push; inline, it made
+        // a lane's per-push future 9.5 KB (2 KB without).
+        match tokio::time::timeout(self.opts.connect_timeout, Box::pin(self.connect())).await {
             Ok(Ok(tx)) => {
                 let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
                 let live = Live { tx, generation };
