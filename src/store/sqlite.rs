@@ -35,8 +35,9 @@ const WRITER_CHECKPOINT_PAGES: u32 = 16_000;
 
 /// One append transaction (see `append_updates_at_once`). `jsonb_each` hands each row over as
 /// JSONB, which `->>` reads in place; over `json_each`'s text every extraction parsed the row
-/// again (a fifth of the writer thread's time, profiled). `OR FAIL`: a failing statement needs
-/// no statement journal to undo only itself, as the whole transaction is rolled back.
+/// again (a fifth of the writer thread's time, profiled). `OR FAIL`: a failing statement need
+/// not undo only itself, as the whole transaction is rolled back (the profile still shows
+/// statement-journal writes, from a statement not yet found).
 const APPEND_AT_ONCE: &str = "BEGIN IMMEDIATE; \
      INSERT INTO user_seqs (user_id, last_seq) SELECT key, value FROM json_each($1) WHERE true \
      ON CONFLICT (user_id) DO UPDATE SET last_seq = user_seqs.last_seq + excluded.last_seq; \
