@@ -498,8 +498,11 @@ where
     });
     match task.await {
         Ok(written) => Ok(written?),
-        Err(e) => Err(StoreError::Corrupt(format!(
-            "a write task ended early: {e}"
-        ))),
+        // Only a panic or the runtime shutting down ends it early: the writer is unavailable,
+        // no row is corrupt.
+        Err(e) => {
+            tracing::error!(error = %e, "a SQLite write task ended before answering");
+            Err(StoreError::Unavailable(sqlx::Error::WorkerCrashed))
+        }
     }
 }
