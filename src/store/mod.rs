@@ -28,6 +28,7 @@ pub mod outbox;
 pub(crate) mod postgres;
 mod shared;
 mod sqlite;
+mod touched;
 
 pub use group_commit::{EventIntake, GroupCommit, JobIntake, event_intake, job_intake};
 pub use outbox::{

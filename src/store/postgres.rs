@@ -14,6 +14,7 @@ use super::append::impl_append;
 use super::outbox::impl_outbox;
 use super::rows::{self, ClaimRow};
 use super::shared::impl_store;
+use super::touched::RecentTouches;
 use super::{Engine, StoreError};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -29,6 +30,7 @@ pub const JOBS_CHANNEL: &str = "herald_jobs";
 pub struct PgStore {
     pool: PgPool,
     appended: Arc<Notify>,
+    touched: Arc<RecentTouches>,
 }
 
 impl PgStore {
@@ -47,6 +49,7 @@ impl PgStore {
         Ok(Self {
             pool,
             appended: Arc::new(Notify::new()),
+            touched: Arc::default(),
         })
     }
 
@@ -276,7 +279,8 @@ impl PgStore {
     /// text whatever the batch size, so it is planned once rather than per VALUES length.
     /// Each row is fenced by its attempt as in the general path; every device pushed to is
     /// touched whether or not its fence held, unless it was touched within
-    /// [`super::outbox::LAST_PUSH_RESOLUTION`]. False when the batch holds another outcome.
+    /// [`super::outbox::LAST_PUSH_RESOLUTION`] (by this node: [`RecentTouches`]). False when
+    /// the batch holds another outcome.
     async fn record_sent_at_once(
         &self,
         results: &[super::DeliveryResult],
@@ -299,6 +303,7 @@ impl PgStore {
         let mut touched = devices.clone();
         touched.sort_unstable();
         touched.dedup();
+        let touched = self.touched.stale(touched, now);
         sqlx::query(
             "WITH b AS (SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int[], $4::text[]) \
              AS t(update_id, device_id, attempt, provider_id)), \
@@ -318,6 +323,7 @@ impl PgStore {
         .bind(now - super::outbox::LAST_PUSH_RESOLUTION)
         .execute(&self.pool)
         .await?;
+        self.touched.written(&touched, now);
         Ok(true)
     }
 

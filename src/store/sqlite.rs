@@ -18,6 +18,7 @@ use super::append::impl_append;
 use super::outbox::impl_outbox;
 use super::rows::{self, ClaimRow};
 use super::shared::impl_store;
+use super::touched::RecentTouches;
 use super::{Engine, StoreError};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -81,6 +82,8 @@ pub struct SqliteStore {
     /// Stops them when the last clone of the store goes unclosed.
     _checkpoints: Arc<DropGuard>,
     appended: Arc<Notify>,
+    /// Devices whose `last_push_at` this node wrote lately.
+    touched: Arc<RecentTouches>,
 }
 
 impl SqliteStore {
@@ -130,6 +133,7 @@ impl SqliteStore {
             stop_checkpoints: stop.clone(),
             _checkpoints: Arc::new(stop.drop_guard()),
             appended: Arc::new(Notify::new()),
+            touched: Arc::default(),
         })
     }
 
@@ -309,7 +313,8 @@ impl SqliteStore {
         }
         devices.sort_unstable();
         devices.dedup();
-        let devices: Vec<String> = devices.iter().map(|d| d.simple().to_string()).collect();
+        let touched = self.touched.stale(devices, now);
+        let devices: Vec<String> = touched.iter().map(|d| d.simple().to_string()).collect();
         let json = |e: serde_json::Error| StoreError::Corrupt(format!("outcome batch: {e}"));
         let sent = serde_json::to_string(&sent).map_err(json)?;
         let devices = serde_json::to_string(&devices).map_err(json)?;
@@ -326,6 +331,7 @@ impl SqliteStore {
             })
         })
         .await?;
+        self.touched.written(&touched, now);
         Ok(true)
     }
 
