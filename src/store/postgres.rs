@@ -281,6 +281,12 @@ impl PgStore {
     /// touched whether or not its fence held, unless it was touched within
     /// [`super::outbox::LAST_PUSH_RESOLUTION`] (by this node: [`RecentTouches`]). False when
     /// the batch holds another outcome.
+    ///
+    /// Committed without waiting for its WAL flush (`synchronous_commit` off for this
+    /// transaction only). A server crash can lose the last fraction of a second of such
+    /// outcomes; those deliveries then stay `sending` until their lease ends and are sent
+    /// again — the same repeat as a node crashing between a push and its outcome, which
+    /// processing at least once already allows. Appends (what a 202 promises) still wait.
     async fn record_sent_at_once(
         &self,
         results: &[super::DeliveryResult],
@@ -312,7 +318,7 @@ impl PgStore {
              AND d.device_id = b.device_id AND d.status = 'sending' AND d.attempts = b.attempt), \
              touched AS (UPDATE devices SET last_push_at = $5 WHERE id = ANY($6::uuid[]) \
              AND (last_push_at IS NULL OR last_push_at < $7)) \
-             SELECT 1",
+             SELECT set_config('synchronous_commit', 'off', true)",
         )
         .bind(&updates)
         .bind(&devices)
