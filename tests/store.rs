@@ -727,6 +727,105 @@ async fn sqlite_checkpoints_the_wal_in_the_background() {
     );
 }
 
+/// A delivered push is kept with its provider id, fenced by its attempt, and goes with its update
+/// in the purge. SQLite marks the outbox row sent; PostgreSQL moves it to `sent_deliveries`
+/// (migration 0009), also when the batch holds other outcomes.
+async fn delivered_pushes_keep_their_provider_id_until_the_purge(engine: Engine) {
+    use herald::store::{DeliveryOutcome, DeliveryResult};
+    let (db, store) = open(engine).await;
+    let phone = store
+        .upsert_device("alice", &apns(63))
+        .await
+        .unwrap()
+        .device
+        .id;
+    let tablet = store
+        .upsert_device("alice", &apns(64))
+        .await
+        .unwrap()
+        .device
+        .id;
+    store
+        .append_events(&[("alice".to_string(), shipped())], None)
+        .await
+        .unwrap();
+    let claimed = store
+        .claim_deliveries(10, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 2);
+    let result = |device: uuid::Uuid, attempt: i32, outcome: DeliveryOutcome| DeliveryResult {
+        update_id: claimed[0].update.id,
+        device_id: device,
+        attempt,
+        outcome,
+    };
+    let sent = |id: &str| DeliveryOutcome::Sent {
+        provider_id: Some(id.into()),
+    };
+    store
+        .record_deliveries(&[
+            // A stale attempt's Sent changes nothing; the retry shares the batch.
+            result(phone, 7, sent("stale")),
+            result(phone, 1, sent("apns-id-1")),
+            result(
+                tablet,
+                1,
+                DeliveryOutcome::Retry {
+                    at: Utc::now() + chrono::Duration::hours(1),
+                    reason: "503".into(),
+                },
+            ),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(store.pending_deliveries().await.unwrap(), 1, "the retry");
+    let delivered = match engine {
+        Engine::Sqlite => {
+            "SELECT provider_id FROM deliveries WHERE status = 'sent' AND device_id = $1"
+        }
+        Engine::Postgres => "SELECT provider_id FROM sent_deliveries WHERE device_id = $1",
+    };
+    let provider_ids = |device: uuid::Uuid| {
+        let url = db.url.clone();
+        async move {
+            match engine {
+                Engine::Sqlite => {
+                    let raw = sqlx::SqlitePool::connect(&url).await.unwrap();
+                    let ids: Vec<Option<String>> = sqlx::query_scalar(delivered)
+                        .bind(device)
+                        .fetch_all(&raw)
+                        .await
+                        .unwrap();
+                    raw.close().await;
+                    ids
+                }
+                Engine::Postgres => {
+                    let raw = sqlx::PgPool::connect(&url).await.unwrap();
+                    let ids: Vec<Option<String>> = sqlx::query_scalar(delivered)
+                        .bind(device)
+                        .fetch_all(&raw)
+                        .await
+                        .unwrap();
+                    raw.close().await;
+                    ids
+                }
+            }
+        }
+    };
+    assert_eq!(provider_ids(phone).await, [Some("apns-id-1".to_string())]);
+    assert!(provider_ids(tablet).await.is_empty(), "not delivered yet");
+    assert_eq!(
+        store
+            .purge(Utc::now() + chrono::Duration::seconds(1))
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(provider_ids(phone).await.is_empty(), "gone with its update");
+    assert_eq!(store.pending_deliveries().await.unwrap(), 0);
+}
+
 /// A delivery left behind by a device deleted while its update was being appended (possible on
 /// PostgreSQL, which keeps no foreign key to devices) is dropped by the claim, not leased again
 /// and again.
@@ -789,4 +888,5 @@ both_engines!(
     recorded_outcomes_are_fenced_by_attempt,
     released_deliveries_are_due_again_without_spending_the_attempt,
     last_push_at_moves_at_most_once_a_second,
+    delivered_pushes_keep_their_provider_id_until_the_purge,
 );

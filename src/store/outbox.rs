@@ -259,7 +259,11 @@ macro_rules! impl_outbox {
                     return Ok(());
                 }
                 let now = chrono::Utc::now();
-                if self.record_sent_at_once(results, now).await? {
+                // The engine's one-statement path for Sent outcomes; on SQLite only when the
+                // whole batch is Sent (one transaction for all), on PostgreSQL always.
+                let sent_recorded = self.record_sent_at_once(results, now).await?;
+                let is_sent = |r: &super::outbox::DeliveryResult| matches!(r.outcome, DeliveryOutcome::Sent { .. });
+                if sent_recorded && results.iter().all(is_sent) {
                     return Ok(());
                 }
                 let mut tx = self.writer().begin().await?;
@@ -267,6 +271,7 @@ macro_rules! impl_outbox {
                 // is still fenced: only the attempt that was claimed may write its outcome.
                 let sent: Vec<_> = results
                     .iter()
+                    .filter(|_| !sent_recorded)
                     .filter_map(|r| match &r.outcome {
                         DeliveryOutcome::Sent { provider_id } => {
                             Some((r.update_id, r.device_id, r.attempt, provider_id.as_deref()))
@@ -495,10 +500,9 @@ macro_rules! impl_outbox {
                 // `first_id_at`.
                 let bound = super::outbox::first_id_at(before);
                 let mut tx = self.writer().begin().await?;
-                sqlx::query("DELETE FROM deliveries WHERE update_id < $1")
-                    .bind(bound)
-                    .execute(&mut *tx)
-                    .await?;
+                for sql in Self::PURGE_DELIVERIES {
+                    sqlx::query(*sql).bind(bound).execute(&mut *tx).await?;
+                }
                 let updates = sqlx::query("DELETE FROM updates WHERE id < $1")
                     .bind(bound)
                     .execute(&mut *tx)

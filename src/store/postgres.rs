@@ -34,6 +34,13 @@ pub struct PgStore {
 }
 
 impl PgStore {
+    /// The retention purge's deletes of deliveries before an update id: open and finished
+    /// ones in the outbox, delivered ones in their log.
+    const PURGE_DELIVERIES: &'static [&'static str] = &[
+        "DELETE FROM deliveries WHERE update_id < $1",
+        "DELETE FROM sent_deliveries WHERE update_id < $1",
+    ];
+
     /// Connect a pool to `url` (no migrations are run here).
     pub async fn connect(
         url: &str,
@@ -274,13 +281,13 @@ impl PgStore {
         Ok(Some(super::Appended { updates, claimed }))
     }
 
-    /// A batch of outcomes that are all Sent (nearly every batch) recorded in one
-    /// autocommitted statement over arrays: one round trip instead of four, and one statement
-    /// text whatever the batch size, so it is planned once rather than per VALUES length.
-    /// Each row is fenced by its attempt as in the general path; every device pushed to is
-    /// touched whether or not its fence held, unless it was touched within
-    /// [`super::outbox::LAST_PUSH_RESOLUTION`] (by this node: [`RecentTouches`]). False when
-    /// the batch holds another outcome.
+    /// The Sent outcomes of a batch (nearly all of any batch; the others are left to the
+    /// general path) recorded in one autocommitted statement over arrays: one round trip, and
+    /// one statement text whatever the batch size, so it is planned once. Each delivered row
+    /// leaves the outbox for `sent_deliveries` (migration 0009: a delete and an append instead
+    /// of a non-HOT rewrite). Each row is fenced by its attempt as in the general path; every
+    /// device pushed to is touched whether or not its fence held, unless it was touched within
+    /// [`super::outbox::LAST_PUSH_RESOLUTION`] (by this node: [`RecentTouches`]). Always true.
     ///
     /// Committed without waiting for its WAL flush (`synchronous_commit` off for this
     /// transaction only). A server crash can lose the last fraction of a second of such
@@ -298,12 +305,15 @@ impl PgStore {
         let mut provider_ids = Vec::with_capacity(results.len());
         for r in results {
             let super::DeliveryOutcome::Sent { provider_id } = &r.outcome else {
-                return Ok(false);
+                continue;
             };
             updates.push(r.update_id);
             devices.push(r.device_id);
             attempts.push(r.attempt);
             provider_ids.push(provider_id.as_deref());
+        }
+        if updates.is_empty() {
+            return Ok(true);
         }
         // Locked in one order by every recorder of the cluster: no deadlock between nodes.
         let mut touched = devices.clone();
@@ -313,9 +323,12 @@ impl PgStore {
         sqlx::query(
             "WITH b AS (SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int[], $4::text[]) \
              AS t(update_id, device_id, attempt, provider_id)), \
-             sent AS (UPDATE deliveries d SET status = 'sent', provider_id = b.provider_id, updated_at = $5, \
-             lease_owner = NULL, lease_expires_at = NULL FROM b WHERE d.update_id = b.update_id \
-             AND d.device_id = b.device_id AND d.status = 'sending' AND d.attempts = b.attempt), \
+             gone AS (DELETE FROM deliveries d USING b WHERE d.update_id = b.update_id \
+             AND d.device_id = b.device_id AND d.status = 'sending' AND d.attempts = b.attempt \
+             RETURNING d.update_id, d.device_id, d.user_id, d.attempts, d.created_at, b.provider_id), \
+             logged AS (INSERT INTO sent_deliveries (update_id, device_id, user_id, attempts, \
+             provider_id, created_at, sent_at) \
+             SELECT update_id, device_id, user_id, attempts, provider_id, created_at, $5 FROM gone), \
              touched AS (UPDATE devices SET last_push_at = $5 WHERE id = ANY($6::uuid[]) \
              AND (last_push_at IS NULL OR last_push_at < $7)) \
              SELECT set_config('synchronous_commit', 'off', true)",

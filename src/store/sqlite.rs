@@ -87,6 +87,11 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
+    /// The retention purge's delete of deliveries before an update id (delivered ones stay in
+    /// the outbox, marked sent).
+    const PURGE_DELIVERIES: &'static [&'static str] =
+        &["DELETE FROM deliveries WHERE update_id < $1"];
+
     /// Open (creating if missing) the database file named by `url`.
     pub async fn connect(
         url: &str,
