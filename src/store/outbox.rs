@@ -269,9 +269,9 @@ macro_rules! impl_outbox {
                 let mut tx = self.writer().begin().await?;
                 // Sent, nearly every outcome, is written a chunk of rows per statement; each row
                 // is still fenced: only the attempt that was claimed may write its outcome.
-                let sent: Vec<_> = results
+                let unrecorded: &[super::outbox::DeliveryResult] = if sent_recorded { &[] } else { results };
+                let sent: Vec<_> = unrecorded
                     .iter()
-                    .filter(|_| !sent_recorded)
                     .filter_map(|r| match &r.outcome {
                         DeliveryOutcome::Sent { provider_id } => {
                             Some((r.update_id, r.device_id, r.attempt, provider_id.as_deref()))
