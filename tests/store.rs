@@ -229,11 +229,12 @@ async fn recorded_outcomes_are_fenced_by_attempt(engine: Engine) {
         .await
         .unwrap();
     assert!(second.iter().all(|d| d.attempt == 2));
-    let result = |device: uuid::Uuid, attempt: i32, outcome: DeliveryOutcome| DeliveryResult {
-        update_id: second[0].update.id,
-        device_id: device,
-        attempt,
-        outcome,
+    // Each outcome as the dispatcher builds it from its claim, where the claim left the row
+    // (on PostgreSQL, the first claim's row versions are dead: the second claim rewrote them).
+    let result = |device: uuid::Uuid, attempt: i32, outcome: DeliveryOutcome| {
+        let claims = if attempt == 1 { &first } else { &second };
+        let claim = claims.iter().find(|d| d.device_id == device).unwrap();
+        DeliveryResult::of(claim, outcome)
     };
     let sent = || DeliveryOutcome::Sent {
         provider_id: Some("p".into()),
@@ -285,8 +286,12 @@ async fn recorded_outcomes_are_fenced_by_attempt(engine: Engine) {
         1,
         "stale Sent alone"
     );
+    // Found by key when the outcome carries no row hint.
     store
-        .record_deliveries(&[result(devices[0], 2, sent())])
+        .record_deliveries(&[DeliveryResult {
+            row: Default::default(),
+            ..result(devices[0], 2, sent())
+        }])
         .await
         .unwrap();
     assert_eq!(store.pending_deliveries().await.unwrap(), 0);
@@ -321,6 +326,7 @@ async fn released_deliveries_are_due_again_without_spending_the_attempt(engine: 
         device_id: first.device_id,
         attempt,
         outcome: DeliveryOutcome::Released,
+        row: Default::default(),
     };
     store.record_deliveries(&[release(2)]).await.unwrap();
     assert!(
@@ -359,6 +365,7 @@ async fn last_push_at_moves_at_most_once_a_second(engine: Engine) {
         device_id: device,
         attempt: claimed[n].attempt,
         outcome,
+        row: Default::default(),
     };
     let sent = || DeliveryOutcome::Sent { provider_id: None };
     let last_push = || async {
@@ -472,7 +479,7 @@ async fn appended_updates_keep_their_data_exactly(engine: Engine) {
 /// back to it; nobody else can claim them until the lease runs out, then they are due again
 /// (a node that died holding them loses nothing).
 async fn handed_off_deliveries_are_claimed_until_their_lease_ends(engine: Engine) {
-    use herald::store::Handoff;
+    use herald::store::{DeliveryOutcome, DeliveryResult, Handoff, RowHint};
     let (_db, store) = open(engine).await;
     let phone = store
         .upsert_device("alice", &apns(50))
@@ -522,6 +529,45 @@ async fn handed_off_deliveries_are_claimed_until_their_lease_ends(engine: Engine
         .unwrap();
     assert_eq!(again.len(), 2);
     assert!(again.iter().all(|d| d.attempt == 2));
+    // Outcomes as the dispatcher builds them, each finding its row where the append or the
+    // claim left it (PostgreSQL's ctid): the lost first attempt's change nothing.
+    let sent = |d: &herald::store::DueDelivery| {
+        DeliveryResult::of(d, DeliveryOutcome::Sent { provider_id: None })
+    };
+    let sent_all =
+        |claims: &[herald::store::DueDelivery]| claims.iter().map(sent).collect::<Vec<_>>();
+    store
+        .record_deliveries(&sent_all(&appended.claimed))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.pending_deliveries().await.unwrap(),
+        2,
+        "stale attempts"
+    );
+    store.record_deliveries(&sent_all(&again)).await.unwrap();
+    assert_eq!(store.pending_deliveries().await.unwrap(), 0);
+    let live = Handoff {
+        owner: "node-a".into(),
+        until: Utc::now() + chrono::Duration::seconds(60),
+    };
+    let fresh = store
+        .append_events(&[("alice".to_string(), shipped())], Some(&live))
+        .await
+        .unwrap()
+        .claimed;
+    assert_eq!(fresh.len(), 2);
+    if engine == Engine::Postgres {
+        assert!(
+            fresh
+                .iter()
+                .chain(&again)
+                .all(|d| d.row != RowHint::default()),
+            "appends and claims say where they left each row"
+        );
+    }
+    store.record_deliveries(&sent_all(&fresh)).await.unwrap();
+    assert_eq!(store.pending_deliveries().await.unwrap(), 0, "delivered");
 }
 
 /// Claims running side by side (two dispatchers, or two nodes on PostgreSQL) split the due
@@ -664,6 +710,7 @@ async fn open_deliveries_are_found_by_device_in_flight_or_pending(engine: Engine
         device_id: tablet,
         attempt: d.attempt,
         outcome,
+        row: Default::default(),
     };
     store
         .record_deliveries(&[result(
@@ -759,6 +806,7 @@ async fn delivered_pushes_keep_their_provider_id_until_the_purge(engine: Engine)
         device_id: device,
         attempt,
         outcome,
+        row: Default::default(),
     };
     let sent = |id: &str| DeliveryOutcome::Sent {
         provider_id: Some(id.into()),

@@ -239,12 +239,7 @@ async fn send_one(context: &Context, lane: &LaneState, delivery: DueDelivery) ->
         }
     };
     tracing::debug!(outcome = label, "push attempt finished");
-    DeliveryResult {
-        update_id: delivery.update.id,
-        device_id: delivery.device_id,
-        attempt: delivery.attempt,
-        outcome,
-    }
+    DeliveryResult::of(&delivery, outcome)
 }
 
 /// The provider call; `Err` is a reason this delivery can never be sent.

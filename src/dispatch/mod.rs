@@ -312,6 +312,7 @@ mod tests {
             app_id: "com.example.app".into(),
             attempt: 1,
             lease_until: Utc::now() + chrono::Duration::seconds(60),
+            row: Default::default(),
         }
     }
 

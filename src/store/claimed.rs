@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 use super::StoreError;
 use super::outbox::DueDelivery;
+use super::row_hint::{RowHint, Tid};
 use crate::devices::{ApnsEnvironment, Platform};
 use crate::updates::Update;
 
@@ -18,13 +19,14 @@ pub(super) type DeviceRow = (Uuid, String, String, Option<String>, String);
 pub(super) type UserDeviceRow = (Uuid, String, String, Option<String>, String, String);
 
 /// The delivery of `update` to the device `(id, platform, token, environment, app)` as
-/// stored, at `attempt`, leased until `lease_until`.
+/// stored at `row`, at `attempt`, leased until `lease_until`.
 fn due(
     update: Arc<Update>,
     user_id: String,
     (device_id, platform, token, environment, app_id): DeviceRow,
     attempt: i32,
     lease_until: DateTime<Utc>,
+    row: RowHint,
 ) -> Result<DueDelivery, StoreError> {
     let platform = Platform::parse(&platform)
         .ok_or_else(|| StoreError::Corrupt(format!("device platform {platform:?}")))?;
@@ -38,15 +40,18 @@ fn due(
         app_id,
         attempt,
         lease_until,
+        row,
     })
 }
 
-/// The claimed delivery of `update` to `device`, first attempt, under `handoff`.
+/// The claimed delivery of `update` to `device`, first attempt, under `handoff`, written at
+/// `row`.
 pub(super) fn handed_off(
     update: &Arc<Update>,
     user_id: &str,
     device: &DeviceRow,
     handoff: &super::outbox::Handoff,
+    row: RowHint,
 ) -> Result<DueDelivery, StoreError> {
     due(
         update.clone(),
@@ -54,6 +59,7 @@ pub(super) fn handed_off(
         device.clone(),
         1,
         handoff.until,
+        row,
     )
 }
 
@@ -83,7 +89,13 @@ pub(super) fn hand_off<'a>(
     for (user, update) in updates {
         let update = Arc::new(update.clone());
         for device in devices.get(user).into_iter().flatten() {
-            claimed.push(handed_off(&update, user, device, handoff)?);
+            claimed.push(handed_off(
+                &update,
+                user,
+                device,
+                handoff,
+                RowHint::default(),
+            )?);
         }
     }
     Ok(claimed)
@@ -106,6 +118,7 @@ pub(super) struct DueRow {
     data: Option<sqlx::types::Json<serde_json::Value>>,
     notification: Option<sqlx::types::Json<crate::jobs::Notification>>,
     created_at: DateTime<Utc>,
+    row_id: Option<Tid>,
 }
 
 impl DueRow {
@@ -135,6 +148,7 @@ impl DueRow {
             device,
             row.attempts,
             lease_until,
+            RowHint(row.row_id),
         )
     }
 }
@@ -187,7 +201,14 @@ pub(super) fn due_from_json(
                     .with_timezone(&Utc),
             };
             let device = (uuid(&device_id)?, platform, token, environment, app_id);
-            due(Arc::new(update), user_id, device, attempts, lease_until)
+            due(
+                Arc::new(update),
+                user_id,
+                device,
+                attempts,
+                lease_until,
+                RowHint::default(),
+            )
         })
         .collect()
 }

@@ -22,6 +22,7 @@ use crate::updates::Update;
 mod append;
 mod claimed;
 pub mod group_commit;
+mod row_hint;
 #[macro_use]
 mod rows;
 pub mod outbox;
@@ -35,6 +36,7 @@ pub use outbox::{
     Acked, Appended, DeliveryOutcome, DeliveryResult, DueDelivery, Handoff, HandoffSink, Outbox,
 };
 pub use postgres::PgStore;
+pub use row_hint::RowHint;
 pub use sqlite::SqliteStore;
 
 /// Storage failures; callers map them to problems, the cause is logged once.

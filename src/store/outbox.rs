@@ -33,6 +33,8 @@ pub struct DueDelivery {
     pub attempt: i32,
     /// When the claim's lease runs out and the delivery is due again for any sender.
     pub lease_until: DateTime<Utc>,
+    /// Where the claim left its outbox row, for the outcome to find it by.
+    pub row: super::RowHint,
 }
 
 /// What to record for one sent (or not sent) delivery.
@@ -87,6 +89,21 @@ pub struct DeliveryResult {
     pub attempt: i32,
     /// What happened.
     pub outcome: DeliveryOutcome,
+    /// The claim's [`DueDelivery::row`]; the default finds the row by key.
+    pub row: super::RowHint,
+}
+
+impl DeliveryResult {
+    /// The outcome of `delivery`'s claimed attempt.
+    pub fn of(delivery: &DueDelivery, outcome: DeliveryOutcome) -> Self {
+        Self {
+            update_id: delivery.update.id,
+            device_id: delivery.device_id,
+            attempt: delivery.attempt,
+            outcome,
+            row: delivery.row,
+        }
+    }
 }
 
 /// A lease taken while appending: the appending node's dispatcher sends the new deliveries

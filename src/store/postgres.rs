@@ -180,6 +180,7 @@ impl PgStore {
             Option<String>,
             Option<String>,
             Option<String>,
+            Option<super::row_hint::Tid>,
         );
         let ids: Vec<uuid::Uuid> = events.iter().map(|_| uuid::Uuid::now_v7()).collect();
         let users: Vec<&str> = events.iter().map(|(user, _)| *user).collect();
@@ -217,10 +218,11 @@ impl PgStore {
              WHERE user_id = i.user_id AND status = 'active' OFFSET 0) v), \
              outbox AS (INSERT INTO deliveries (update_id, device_id, user_id, status, attempts, lease_owner, lease_expires_at, \
              next_attempt_at, created_at, updated_at) SELECT update_id, id, user_id, $10, $11, $12::text, $13::timestamptz, $8, $8, $8 \
-             FROM targets), \
+             FROM targets RETURNING update_id, device_id, ctid AS row_id), \
              announce AS (SELECT CASE WHEN $14 THEN pg_notify($9, '') END AS notified) \
-             SELECT i.id, i.seq, t.id, t.platform, t.token, t.environment, t.app_id \
+             SELECT i.id, i.seq, t.id, t.platform, t.token, t.environment, t.app_id, o.row_id \
              FROM inserted i LEFT JOIN targets t ON t.update_id = i.id \
+             LEFT JOIN outbox o ON o.update_id = t.update_id AND o.device_id = t.id \
              CROSS JOIN announce",
         )
         .bind(&ids)
@@ -241,13 +243,17 @@ impl PgStore {
         .fetch_all(&self.pool)
         .await?;
         let mut seqs: std::collections::HashMap<uuid::Uuid, i64> = std::collections::HashMap::new();
-        let mut devices: Vec<(uuid::Uuid, super::claimed::DeviceRow)> = Vec::new();
-        for (update_id, seq, device, platform, token, environment, app_id) in rows {
+        let mut devices: Vec<(uuid::Uuid, super::claimed::DeviceRow, super::RowHint)> = Vec::new();
+        for (update_id, seq, device, platform, token, environment, app_id, row) in rows {
             seqs.insert(update_id, seq);
             if let (Some(device), Some(platform), Some(token), Some(app_id)) =
                 (device, platform, token, app_id)
             {
-                devices.push((update_id, (device, platform, token, environment, app_id)));
+                devices.push((
+                    update_id,
+                    (device, platform, token, environment, app_id),
+                    super::RowHint(row),
+                ));
             }
         }
         let updates = ids
@@ -269,13 +275,15 @@ impl PgStore {
                     .zip(&updates)
                     .map(|((user, _), u)| (u.id, (*user, Arc::new(u.clone()))))
                     .collect();
-            for (update_id, device) in &devices {
+            for (update_id, device, row) in &devices {
                 let Some((user, update)) = by_id.get(update_id) else {
                     return Err(StoreError::Corrupt(
                         "a handed-off delivery lost its update".into(),
                     ));
                 };
-                claimed.push(super::claimed::handed_off(update, user, device, handoff)?);
+                claimed.push(super::claimed::handed_off(
+                    update, user, device, handoff, *row,
+                )?);
             }
         }
         Ok(Some(super::Appended { updates, claimed }))
@@ -285,7 +293,8 @@ impl PgStore {
     /// general path) recorded in one autocommitted statement over arrays: one round trip, and
     /// one statement text whatever the batch size, so it is planned once. Each delivered row
     /// leaves the outbox for `sent_deliveries` (migration 0009: a delete and an append instead
-    /// of a non-HOT rewrite). Each row is fenced by its attempt as in the general path; every
+    /// of a non-HOT rewrite), found by its [`super::RowHint`] where it has one, else by key.
+    /// Each row is fenced by its attempt as in the general path; every
     /// device pushed to is touched whether or not its fence held, unless it was touched within
     /// [`super::outbox::LAST_PUSH_RESOLUTION`] (by this node: [`RecentTouches`]). Always true.
     ///
@@ -303,6 +312,7 @@ impl PgStore {
         let mut devices = Vec::with_capacity(results.len());
         let mut attempts = Vec::with_capacity(results.len());
         let mut provider_ids = Vec::with_capacity(results.len());
+        let mut rows = Vec::with_capacity(results.len());
         for r in results {
             let super::DeliveryOutcome::Sent { provider_id } = &r.outcome else {
                 continue;
@@ -311,6 +321,7 @@ impl PgStore {
             devices.push(r.device_id);
             attempts.push(r.attempt);
             provider_ids.push(provider_id.as_deref());
+            rows.push(r.row.0);
         }
         if updates.is_empty() {
             return Ok(true);
@@ -321,14 +332,19 @@ impl PgStore {
         touched.dedup();
         let touched = self.touched.stale(touched, now);
         sqlx::query(
-            "WITH b AS (SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int[], $4::text[]) \
-             AS t(update_id, device_id, attempt, provider_id)), \
-             gone AS (DELETE FROM deliveries d USING b WHERE d.update_id = b.update_id \
+            "WITH b AS (SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int[], $4::text[], $8::tid[]) \
+             AS t(update_id, device_id, attempt, provider_id, row_id)), \
+             by_row AS (DELETE FROM deliveries d USING b WHERE b.row_id IS NOT NULL AND d.ctid = b.row_id \
+             AND d.update_id = b.update_id AND d.device_id = b.device_id AND d.status = 'sending' \
+             AND d.attempts = b.attempt \
+             RETURNING d.update_id, d.device_id, d.user_id, d.attempts, d.created_at, b.provider_id), \
+             by_key AS (DELETE FROM deliveries d USING b WHERE b.row_id IS NULL AND d.update_id = b.update_id \
              AND d.device_id = b.device_id AND d.status = 'sending' AND d.attempts = b.attempt \
              RETURNING d.update_id, d.device_id, d.user_id, d.attempts, d.created_at, b.provider_id), \
              logged AS (INSERT INTO sent_deliveries (update_id, device_id, user_id, attempts, \
              provider_id, created_at, sent_at) \
-             SELECT update_id, device_id, user_id, attempts, provider_id, created_at, $5 FROM gone), \
+             SELECT update_id, device_id, user_id, attempts, provider_id, created_at, $5 FROM by_row \
+             UNION ALL SELECT update_id, device_id, user_id, attempts, provider_id, created_at, $5 FROM by_key), \
              touched AS (UPDATE devices SET last_push_at = $5 WHERE id = ANY($6::uuid[]) \
              AND (last_push_at IS NULL OR last_push_at < $7)) \
              SELECT set_config('synchronous_commit', 'off', true)",
@@ -340,6 +356,7 @@ impl PgStore {
         .bind(now)
         .bind(&touched)
         .bind(now - super::outbox::LAST_PUSH_RESOLUTION)
+        .bind(&rows)
         .execute(&self.pool)
         .await?;
         self.touched.written(&touched, now);
@@ -377,10 +394,10 @@ impl PgStore {
              LEFT JOIN devices v ON v.id = c.device_id \
              WHERE d.ctid = c.row_id AND d.status = 'pending' \
              RETURNING d.update_id, d.device_id, d.user_id, d.attempts, d.status, \
-             v.platform, v.token, v.environment, v.app_id) \
+             v.platform, v.token, v.environment, v.app_id, d.ctid AS row_id) \
              SELECT p.update_id, p.device_id, p.user_id, p.attempts, p.platform, p.token, p.environment, \
              p.app_id, u.seq, u.type AS kind, u.tracking_id, u.status AS update_status, u.data, \
-             u.notification, u.created_at \
+             u.notification, u.created_at, p.row_id \
              FROM picked p JOIN updates u ON u.id = p.update_id \
              WHERE p.status = 'sending' ORDER BY u.created_at",
         )
