@@ -24,7 +24,9 @@ macro_rules! impl_append {
                 events: &[(&str, &$crate::updates::NewUpdate)],
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<Vec<$crate::updates::Update>, super::StoreError> {
-                Ok(Self::append_updates_leased(tx, events, now, None).await?.updates)
+                let appended = Self::append_updates_leased(tx, events, now, None).await?;
+                // Nothing was handed off, so nothing else holds these: no copy is made.
+                Ok(appended.updates.into_iter().map(std::sync::Arc::unwrap_or_clone).collect())
             }
 
             /// [`Self::append_updates`], with the deliveries written as claimed under
@@ -58,10 +60,10 @@ macro_rules! impl_append {
                     let seq = next.get_mut(*user).ok_or_else(|| {
                         sqlx::Error::Protocol(format!("no sequence returned for user {user}"))
                     })?;
-                    appended.push(new.appended(uuid::Uuid::now_v7(), *seq, now));
+                    appended.push(std::sync::Arc::new(new.appended(uuid::Uuid::now_v7(), *seq, now)));
                     *seq += 1;
                 }
-                let rows: Vec<(&str, &$crate::updates::Update)> =
+                let rows: Vec<(&str, &std::sync::Arc<$crate::updates::Update>)> =
                     events.iter().map(|(user, _)| *user).zip(&appended).collect();
                 let (status, attempts) = if handoff.is_some() { ("sending", 1) } else { ("pending", 0) };
                 for chunk in super::outbox::chunked(&rows) {

@@ -49,14 +49,14 @@ fn due(
 pub(super) fn handed_off(
     update: &Arc<Update>,
     user_id: &str,
-    device: &DeviceRow,
+    device: DeviceRow,
     handoff: &super::outbox::Handoff,
     row: RowHint,
 ) -> Result<DueDelivery, StoreError> {
     due(
         update.clone(),
         user_id.to_string(),
-        device.clone(),
+        device,
         1,
         handoff.until,
         row,
@@ -79,20 +79,19 @@ pub(super) fn by_user(
 }
 
 /// The deliveries an append claimed under `handoff`: each of `updates` (with its user) to each
-/// of that user's `devices`, one shared copy of the update for all of its deliveries.
+/// of that user's `devices`, sharing the appended copy of the update.
 pub(super) fn hand_off<'a>(
-    updates: impl IntoIterator<Item = (&'a str, &'a Update)>,
+    updates: impl IntoIterator<Item = (&'a str, &'a Arc<Update>)>,
     devices: &std::collections::HashMap<String, Vec<DeviceRow>>,
     handoff: &super::outbox::Handoff,
 ) -> Result<Vec<DueDelivery>, StoreError> {
     let mut claimed = Vec::new();
     for (user, update) in updates {
-        let update = Arc::new(update.clone());
         for device in devices.get(user).into_iter().flatten() {
             claimed.push(handed_off(
-                &update,
+                update,
                 user,
-                device,
+                device.clone(),
                 handoff,
                 RowHint::default(),
             )?);

@@ -130,8 +130,10 @@ async fn commit_loop<I, O, F, Fut>(
 /// Group commit of job submissions (`POST /v1/jobs`).
 pub type JobIntake = GroupCommit<crate::jobs::NewJob, crate::jobs::CreateOutcome>;
 
-/// Group commit of published events (`POST /v1/events`): (user, update) → the appended update.
-pub type EventIntake = GroupCommit<(String, crate::updates::NewUpdate), crate::updates::Update>;
+/// Group commit of published events (`POST /v1/events`): (user, update) → the appended update
+/// (shared with its handed-off deliveries).
+pub type EventIntake =
+    GroupCommit<(String, crate::updates::NewUpdate), Arc<crate::updates::Update>>;
 
 /// Committers and batch size for `store`'s engine. SQLite has one writer: one committer, big
 /// batches. On PostgreSQL a batch costs a round trip per statement, not per row, so batches

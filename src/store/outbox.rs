@@ -129,8 +129,8 @@ pub trait HandoffSink: Send + Sync + 'static {
 /// What an append wrote.
 #[derive(Debug, Default)]
 pub struct Appended {
-    /// The updates, in the order given.
-    pub updates: Vec<Update>,
+    /// The updates, in the order given; each is the copy its handed-off deliveries share.
+    pub updates: Vec<std::sync::Arc<Update>>,
     /// Their deliveries, when they were appended with a [`Handoff`].
     pub claimed: Vec<DueDelivery>,
 }
@@ -177,7 +177,13 @@ pub trait Outbox: Send + Sync + 'static {
         &self,
         events: &[(String, NewUpdate)],
     ) -> Result<Vec<Update>, StoreError> {
-        Ok(self.append_events(events, None).await?.updates)
+        let appended = self.append_events(events, None).await?;
+        // Nothing was handed off, so nothing else holds these: no copy is made.
+        Ok(appended
+            .updates
+            .into_iter()
+            .map(std::sync::Arc::unwrap_or_clone)
+            .collect())
     }
 
     /// Append one published event to `user_id`'s log (with its deliveries).

@@ -263,26 +263,26 @@ impl PgStore {
                 let seq = seqs.get(id).copied().ok_or_else(|| {
                     StoreError::Corrupt("bulk append returned fewer rows than it was given".into())
                 })?;
-                Ok(new.appended(*id, seq, now))
+                Ok(Arc::new(new.appended(*id, seq, now)))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
         let mut claimed = Vec::new();
         if let Some(handoff) = handoff {
-            // One copy of each update for all of its deliveries.
-            let by_id: std::collections::HashMap<uuid::Uuid, (&str, Arc<crate::updates::Update>)> =
+            // The appended copy of each update, shared by its deliveries.
+            let by_id: std::collections::HashMap<uuid::Uuid, (&str, &Arc<crate::updates::Update>)> =
                 events
                     .iter()
                     .zip(&updates)
-                    .map(|((user, _), u)| (u.id, (*user, Arc::new(u.clone()))))
+                    .map(|((user, _), u)| (u.id, (*user, u)))
                     .collect();
-            for (update_id, device, row) in &devices {
-                let Some((user, update)) = by_id.get(update_id) else {
+            for (update_id, device, row) in devices {
+                let Some((user, update)) = by_id.get(&update_id) else {
                     return Err(StoreError::Corrupt(
                         "a handed-off delivery lost its update".into(),
                     ));
                 };
                 claimed.push(super::claimed::handed_off(
-                    update, user, device, handoff, *row,
+                    update, user, device, handoff, row,
                 )?);
             }
         }

@@ -281,7 +281,7 @@ impl SqliteStore {
                     "no counter came back for {user}"
                 )));
             };
-            updates.push(new.appended(*id, last - n + place, now));
+            updates.push(Arc::new(new.appended(*id, last - n + place, now)));
         }
         let mut claimed = Vec::new();
         if let Some(handoff) = handoff {
