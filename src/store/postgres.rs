@@ -171,7 +171,6 @@ impl PgStore {
         now: DateTime<Utc>,
         handoff: Option<&super::Handoff>,
     ) -> Result<Option<super::Appended>, StoreError> {
-        use sqlx::types::Json;
         type Row = (
             uuid::Uuid,
             i64,
@@ -187,14 +186,22 @@ impl PgStore {
         let kinds: Vec<&str> = events.iter().map(|(_, u)| u.kind.as_str()).collect();
         let tracking: Vec<Option<uuid::Uuid>> = events.iter().map(|(_, u)| u.tracking_id).collect();
         let statuses: Vec<Option<&str>> = events.iter().map(|(_, u)| u.status.as_deref()).collect();
-        let data: Vec<Option<Json<&serde_json::Value>>> = events
+        let json = |e: serde_json::Error| StoreError::Corrupt(format!("update payload: {e}"));
+        let data = events
             .iter()
-            .map(|(_, u)| u.data.as_ref().map(Json))
-            .collect();
-        let notifications: Vec<Option<Json<&crate::jobs::Notification>>> = events
+            .map(|(_, u)| u.data.as_ref().map(serde_json::to_string).transpose())
+            .collect::<Result<Vec<Option<String>>, _>>()
+            .map_err(json)?;
+        let notifications = events
             .iter()
-            .map(|(_, u)| u.notification.as_ref().map(Json))
-            .collect();
+            .map(|(_, u)| {
+                u.notification
+                    .as_ref()
+                    .map(serde_json::to_string)
+                    .transpose()
+            })
+            .collect::<Result<Vec<Option<String>>, _>>()
+            .map_err(json)?;
         let (status, attempts) = if handoff.is_some() {
             ("sending", 1)
         } else {
@@ -204,7 +211,7 @@ impl PgStore {
         // delivery needs to be sent.
         let rows: Vec<Row> = sqlx::query_as(
             "WITH ev AS (SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[], \
-             $6::jsonb[], $7::jsonb[]) WITH ORDINALITY AS t(id, user_id, type, tracking_id, status, data, notification, ord)), \
+             $6::text[], $7::text[]) WITH ORDINALITY AS t(id, user_id, type, tracking_id, status, data, notification, ord)), \
              counts AS (SELECT user_id, count(*) AS n FROM ev GROUP BY user_id), \
              bumped AS (INSERT INTO user_seqs (user_id, last_seq) SELECT user_id, n FROM counts ORDER BY user_id \
              ON CONFLICT (user_id) DO UPDATE SET last_seq = user_seqs.last_seq + excluded.last_seq \
@@ -212,7 +219,8 @@ impl PgStore {
              numbered AS (SELECT ev.*, b.last_seq - c.n + row_number() OVER (PARTITION BY ev.user_id ORDER BY ev.ord) AS seq \
              FROM ev JOIN bumped b USING (user_id) JOIN counts c USING (user_id)), \
              inserted AS (INSERT INTO updates (id, user_id, seq, type, tracking_id, status, data, notification, created_at) \
-             SELECT id, user_id, seq, type, tracking_id, status, data, notification, $8 FROM numbered RETURNING id, user_id, seq), \
+             SELECT id, user_id, seq, type, tracking_id, status, data::json, notification::json, $8 FROM numbered \
+             RETURNING id, user_id, seq), \
              targets AS (SELECT i.id AS update_id, v.* FROM inserted i CROSS JOIN LATERAL \
              (SELECT id, user_id, platform, token, environment, app_id FROM devices \
              WHERE user_id = i.user_id AND status = 'active' OFFSET 0) v), \
