@@ -183,6 +183,23 @@ impl PgStore {
         );
         let ids: Vec<uuid::Uuid> = events.iter().map(|_| uuid::Uuid::now_v7()).collect();
         let users: Vec<&str> = events.iter().map(|(user, _)| *user).collect();
+        // Counted and placed here rather than by the statement (a hash aggregate, and a sort
+        // for a window function: 10% of the statement's time in EXPLAIN ANALYZE): per user, how
+        // many updates, and for each update how many of its user's follow it, so that its seq
+        // is the bumped counter minus that.
+        let mut counts: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
+        let mut places = Vec::with_capacity(events.len());
+        for user in &users {
+            let n = counts.entry(*user).or_default();
+            *n += 1;
+            places.push(*n);
+        }
+        let behind: Vec<i64> = users
+            .iter()
+            .zip(&places)
+            .map(|(user, place)| counts.get(user).copied().unwrap_or(*place) - place)
+            .collect();
+        let (distinct, per_user): (Vec<&str>, Vec<i64>) = counts.into_iter().unzip();
         let kinds: Vec<&str> = events.iter().map(|(_, u)| u.kind.as_str()).collect();
         let tracking: Vec<Option<uuid::Uuid>> = events.iter().map(|(_, u)| u.tracking_id).collect();
         let statuses: Vec<Option<&str>> = events.iter().map(|(_, u)| u.status.as_deref()).collect();
@@ -211,13 +228,12 @@ impl PgStore {
         // delivery needs to be sent.
         let rows: Vec<Row> = sqlx::query_as(
             "WITH ev AS (SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[], \
-             $6::text[], $7::text[]) WITH ORDINALITY AS t(id, user_id, type, tracking_id, status, data, notification, ord)), \
-             counts AS (SELECT user_id, count(*) AS n FROM ev GROUP BY user_id), \
-             bumped AS (INSERT INTO user_seqs (user_id, last_seq) SELECT user_id, n FROM counts ORDER BY user_id \
+             $6::text[], $7::text[], $15::int8[]) AS t(id, user_id, type, tracking_id, status, data, notification, behind)), \
+             bumped AS (INSERT INTO user_seqs (user_id, last_seq) \
+             SELECT * FROM UNNEST($16::text[], $17::int8[]) AS c(user_id, n) ORDER BY user_id \
              ON CONFLICT (user_id) DO UPDATE SET last_seq = user_seqs.last_seq + excluded.last_seq \
              RETURNING user_id, last_seq), \
-             numbered AS (SELECT ev.*, b.last_seq - c.n + row_number() OVER (PARTITION BY ev.user_id ORDER BY ev.ord) AS seq \
-             FROM ev JOIN bumped b USING (user_id) JOIN counts c USING (user_id)), \
+             numbered AS (SELECT ev.*, b.last_seq - ev.behind AS seq FROM ev JOIN bumped b USING (user_id)), \
              inserted AS (INSERT INTO updates (id, user_id, seq, type, tracking_id, status, data, notification, created_at) \
              SELECT id, user_id, seq, type, tracking_id, status, data::json, notification::json, $8 FROM numbered \
              RETURNING id, user_id, seq), \
@@ -248,6 +264,9 @@ impl PgStore {
         .bind(handoff.map(|h| h.until))
         // Handed-off deliveries are this node's already: no other dispatcher need look.
         .bind(handoff.is_none())
+        .bind(&behind)
+        .bind(&distinct)
+        .bind(&per_user)
         .fetch_all(&self.pool)
         .await?;
         let mut seqs: std::collections::HashMap<uuid::Uuid, i64> = std::collections::HashMap::new();
