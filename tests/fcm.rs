@@ -22,7 +22,7 @@ async fn success_over_tls_uses_http2_and_sends_the_full_message() {
         req.ttl = Some(Duration::from_secs(600));
         req.collapse_key = Some("job-42".into());
         req.apns_headers = BTreeMap::from([("apns-topic".into(), "com.example.app".into())]);
-        match sender.send(&req).await {
+        match sender.send(req.clone()).await {
             PushOutcome::Delivered { provider_id } => {
                 assert!(
                     provider_id
@@ -60,7 +60,7 @@ async fn success_over_tls_uses_http2_and_sends_the_full_message() {
 async fn success_over_plain_http_uses_h2c() {
     bounded(async {
         let (fake, sender) = start(false).await;
-        let outcome = sender.send(&push("device-a")).await;
+        let outcome = sender.send(push("device-a")).await;
         assert!(
             matches!(
                 outcome,
@@ -82,7 +82,7 @@ async fn validate_only_is_honoured() {
         let mut req = push("device-a");
         req.validate_only = true;
         assert_eq!(
-            sender.send(&req).await,
+            sender.send(req.clone()).await,
             PushOutcome::Delivered {
                 provider_id: Some("projects/herald-test/messages/fake_message_id".into())
             }
@@ -121,7 +121,7 @@ async fn every_error_class_end_to_end() {
         for (i, (behaviour, reason_prefix, check)) in cases.into_iter().enumerate() {
             let token = format!("device-{i}");
             fake.script(&token, behaviour.clone());
-            let outcome = sender.send(&push(&token)).await;
+            let outcome = sender.send(push(&token)).await;
             assert!(check(&outcome), "{behaviour:?} → {outcome:?}");
             let reason = reason_of(&outcome);
             assert!(reason.starts_with(reason_prefix), "{behaviour:?} → {reason}");
@@ -137,7 +137,7 @@ async fn every_error_class_end_to_end() {
         ];
         for (behaviour, expected) in cases {
             fake.script("device-r", behaviour.clone());
-            match sender.send(&push("device-r")).await {
+            match sender.send(push("device-r")).await {
                 PushOutcome::Retry { retry_after, .. } => assert_eq!(retry_after, expected, "{behaviour:?}"),
                 o => panic!("{behaviour:?} → {o:?}"),
             }
@@ -162,15 +162,15 @@ async fn scripted_sequence_then_recovery() {
             ],
         );
         assert!(matches!(
-            sender.send(&push("device-a")).await,
+            sender.send(push("device-a")).await,
             PushOutcome::Retry { .. }
         ));
         assert!(matches!(
-            sender.send(&push("device-a")).await,
+            sender.send(push("device-a")).await,
             PushOutcome::Delivered { .. }
         ));
         assert!(matches!(
-            sender.send(&push("device-a")).await,
+            sender.send(push("device-a")).await,
             PushOutcome::Delivered { .. }
         ));
     })
@@ -184,7 +184,7 @@ async fn bad_messages_are_permanent() {
         // Refused before sending: reserved data key.
         let mut req = push("device-a");
         req.data.insert("google.sent_time".into(), "1".into());
-        match sender.send(&req).await {
+        match sender.send(req.clone()).await {
             PushOutcome::Permanent { reason } => {
                 assert!(reason.contains("google.sent_time"), "{reason}")
             }
@@ -195,7 +195,7 @@ async fn bad_messages_are_permanent() {
         // Refused by FCM: payload over 4096 bytes.
         let mut req = push("device-a");
         req.data.insert("blob".into(), "x".repeat(5000));
-        match sender.send(&req).await {
+        match sender.send(req.clone()).await {
             PushOutcome::Permanent { reason } => {
                 assert!(reason.starts_with("INVALID_ARGUMENT (400)"), "{reason}")
             }
@@ -211,12 +211,12 @@ async fn revoked_token_is_refreshed_once_then_succeeds() {
     bounded(async {
         let (fake, sender) = start(true).await;
         assert!(matches!(
-            sender.send(&push("device-a")).await,
+            sender.send(push("device-a")).await,
             PushOutcome::Delivered { .. }
         ));
         fake.revoke_tokens();
         assert!(matches!(
-            sender.send(&push("device-a")).await,
+            sender.send(push("device-a")).await,
             PushOutcome::Delivered { .. }
         ));
         assert_eq!(fake.token_requests(), 2);
@@ -233,7 +233,7 @@ async fn second_401_is_misconfigured() {
         let body = json!({"error": {"code": 401, "message": "Request had invalid authentication credentials.",
             "status": "UNAUTHENTICATED"}});
         fake.script("device-a", Behaviour::Raw { status: 401, body: body.to_string(), retry_after: None });
-        match sender.send(&push("device-a")).await {
+        match sender.send(push("device-a")).await {
             PushOutcome::Misconfigured { reason } => assert!(reason.contains("again after refreshing"), "{reason}"),
             o => panic!("{o:?}"),
         }
@@ -280,11 +280,11 @@ async fn token_is_refreshed_before_it_expires() {
         // A 2 s token is refreshed after half its life (the 5-minute margin doesn't fit).
         fake.set_token_lifetime(Duration::from_secs(2));
         assert!(matches!(
-            sender.send(&push("device-a")).await,
+            sender.send(push("device-a")).await,
             PushOutcome::Delivered { .. }
         ));
         assert!(matches!(
-            sender.send(&push("device-a")).await,
+            sender.send(push("device-a")).await,
             PushOutcome::Delivered { .. }
         ));
         assert_eq!(fake.token_requests(), 1);
@@ -312,7 +312,7 @@ async fn token_endpoint_refusals_are_misconfigured() {
     bounded(async {
         let (fake, sender) = start(false).await;
         fake.fail_token_requests(Some(TokenFailure::InvalidGrant));
-        match sender.send(&push("device-a")).await {
+        match sender.send(push("device-a")).await {
             PushOutcome::Misconfigured { reason } => {
                 assert!(reason.contains("invalid_grant"), "{reason}")
             }
@@ -327,7 +327,7 @@ async fn token_endpoint_refusals_are_misconfigured() {
         let mut cfg = config(&fake);
         cfg.service_account_file = key.path().to_owned();
         let sender = FcmSender::new("com.example.app", &cfg).unwrap();
-        match sender.send(&push("device-a")).await {
+        match sender.send(push("device-a")).await {
             PushOutcome::Misconfigured { reason } => {
                 assert!(reason.contains("invalid_grant"), "{reason}")
             }
@@ -343,7 +343,7 @@ async fn token_endpoint_outages_are_retried() {
     bounded(async {
         let (fake, sender) = start(false).await;
         fake.fail_token_requests(Some(TokenFailure::Unavailable));
-        match sender.send(&push("device-a")).await {
+        match sender.send(push("device-a")).await {
             PushOutcome::Retry {
                 retry_after,
                 reason,
@@ -368,14 +368,14 @@ async fn token_endpoint_outages_are_retried() {
         fake.set_token_delay(Duration::ZERO);
         fake.fail_token_requests(None);
         assert!(matches!(
-            sender.send(&push("device-a")).await,
+            sender.send(push("device-a")).await,
             PushOutcome::Delivered { .. }
         ));
 
         let mut cfg = config(&fake);
         cfg.token_uri = Some(format!("http://127.0.0.1:{}/token", closed_port().await));
         let sender = FcmSender::new("com.example.app", &cfg).unwrap();
-        match sender.send(&push("device-a")).await {
+        match sender.send(push("device-a")).await {
             PushOutcome::Retry {
                 retry_after: None,
                 reason,
@@ -396,7 +396,7 @@ async fn transport_failures_are_retried() {
             Behaviour::Delay(Duration::from_secs(3), Box::new(Behaviour::Success)),
         );
         let sender = sender.with_request_timeout(Duration::from_millis(200));
-        match sender.send(&push("slow")).await {
+        match sender.send(push("slow")).await {
             PushOutcome::Retry {
                 retry_after: None,
                 reason,
@@ -409,13 +409,13 @@ async fn transport_failures_are_retried() {
             Behaviour::Delay(Duration::from_millis(50), Box::new(Behaviour::Success)),
         );
         assert!(matches!(
-            sender.send(&push("slowish")).await,
+            sender.send(push("slowish")).await,
             PushOutcome::Delivered { .. }
         ));
 
         // Connection refused once the fake is gone.
         fake.shutdown().await;
-        match sender.send(&push("device-a")).await {
+        match sender.send(push("device-a")).await {
             PushOutcome::Retry {
                 retry_after: None, ..
             } => {}
@@ -435,7 +435,7 @@ async fn wrong_project_or_url_is_misconfigured() {
         .await
         .unwrap();
         let sender = FcmSender::new("com.example.app", &config(&fake)).unwrap();
-        match sender.send(&push("device-a")).await {
+        match sender.send(push("device-a")).await {
             PushOutcome::Misconfigured { reason } => {
                 assert!(reason.starts_with("PERMISSION_DENIED (403)"), "{reason}")
             }
@@ -445,7 +445,7 @@ async fn wrong_project_or_url_is_misconfigured() {
         cfg.base_url = format!("{}/not-fcm", fake.base_url());
         let sender = FcmSender::new("com.example.app", &cfg).unwrap();
         assert!(matches!(
-            sender.send(&push("device-a")).await,
+            sender.send(push("device-a")).await,
             PushOutcome::Misconfigured { .. }
         ));
     })
@@ -467,7 +467,7 @@ async fn token_uri_comes_from_the_key_file_unless_overridden() {
         cfg.token_uri = None;
         let sender = FcmSender::new("com.example.app", &cfg).unwrap();
         assert!(matches!(
-            sender.send(&push("device-a")).await,
+            sender.send(push("device-a")).await,
             PushOutcome::Delivered { .. }
         ));
         assert_eq!(fake.token_requests(), 1);
@@ -489,7 +489,7 @@ async fn tls_needs_the_test_ca() {
         let sender = FcmSender::new("com.example.app", &cfg).unwrap();
         // The token endpoint's certificate is not trusted: nothing reaches the fake's handlers.
         assert!(matches!(
-            sender.send(&push("device-a")).await,
+            sender.send(push("device-a")).await,
             PushOutcome::Retry { .. }
         ));
         assert_eq!(fake.token_requests(), 0);

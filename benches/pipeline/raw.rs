@@ -140,7 +140,7 @@ impl Raw {
         let fcm_bodies = (0..users)
             .map(|u| {
                 let req = payload::fcm_request(&sample, &fcm_token(u), Duration::from_secs(86400));
-                let msg = message::build_message(&req, SystemTime::now()).expect("message");
+                let msg = message::build_message(req, SystemTime::now()).expect("message");
                 Bytes::from(message::request_body(&msg, false).expect("body"))
             })
             .collect();

@@ -270,7 +270,7 @@ async fn push(
                 .ok_or_else(|| format!("app {} has no FCM credentials", delivery.app_id))?;
             let left = (expires - Utc::now()).to_std().unwrap_or_default();
             let request = payload::fcm_request(&delivery.update, &delivery.token, left);
-            Ok(sender.send(&request).await)
+            Ok(sender.send(request).await)
         }
     }
 }

@@ -60,7 +60,7 @@ pub fn send_owned(
     req: FcmRequest,
 ) -> impl Future<Output = PushOutcome> + use<> {
     let sender = sender.clone();
-    async move { sender.send(&req).await }
+    async move { sender.send(req).await }
 }
 
 /// A closed loopback port: bind, note, release.

@@ -46,8 +46,10 @@ pub fn ttl_string(ttl: Duration) -> String {
     }
 }
 
-/// The fcm_v1 message for `req`, or why it can never be sent (a Permanent reason).
-pub fn build_message(req: &FcmRequest, now: SystemTime) -> Result<Message, String> {
+/// The fcm_v1 message for `req`, or why it can never be sent (a Permanent reason). Taken by
+/// value: its strings move into the message instead of being copied (the copies and the
+/// request's drop were about 1% of the pipeline bench's CPU).
+pub fn build_message(req: FcmRequest, now: SystemTime) -> Result<Message, String> {
     if req.device_token.trim().is_empty() {
         return Err("empty device token".into());
     }
@@ -59,20 +61,22 @@ pub fn build_message(req: &FcmRequest, now: SystemTime) -> Result<Message, Strin
         return Err(format!("data key {key:?} {why}"));
     }
 
-    let notification = req.notification.as_ref().map(|n| Notification {
-        title: Some(n.title.clone()),
-        body: Some(n.body.clone()),
+    // Derived from the request before its fields move out.
+    let apns = apns_config(&req, now);
+    let notification = req.notification.map(|n| Notification {
+        title: Some(n.title),
+        body: Some(n.body),
         image: None,
     });
     // string → string by construction: every value is a JSON string.
     let data = (!req.data.is_empty()).then(|| {
         req.data
-            .iter()
-            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .into_iter()
+            .map(|(k, v)| (k, Value::String(v)))
             .collect::<HashMap<_, _>>()
     });
     let android = AndroidConfig {
-        collapse_key: req.collapse_key.clone(),
+        collapse_key: req.collapse_key,
         priority: Some(if req.high_priority {
             AndroidMessagePriority::High
         } else {
@@ -83,11 +87,11 @@ pub fn build_message(req: &FcmRequest, now: SystemTime) -> Result<Message, Strin
     };
 
     Ok(Message {
-        token: Some(req.device_token.clone()),
+        token: Some(req.device_token),
         notification,
         data,
         android: Some(android),
-        apns: Some(apns_config(req, now)),
+        apns: Some(apns),
         ..Default::default()
     })
 }
@@ -192,7 +196,7 @@ mod tests {
         ] {
             let mut r = req();
             r.data.insert(key.into(), "v".into());
-            let err = build_message(&r, at(0)).unwrap_err();
+            let err = build_message(r, at(0)).unwrap_err();
             assert!(err.contains(key), "{err}");
         }
         let mut r = req();
@@ -200,13 +204,13 @@ mod tests {
             ("fromage".into(), "ok".into()),
             ("Google".into(), "ok".into()),
         ]);
-        assert!(build_message(&r, at(0)).is_ok());
+        assert!(build_message(r, at(0)).is_ok());
     }
 
     #[test]
     fn empty_token_is_refused() {
         let r = FcmRequest::default();
-        assert_eq!(build_message(&r, at(0)).unwrap_err(), "empty device token");
+        assert_eq!(build_message(r, at(0)).unwrap_err(), "empty device token");
     }
 
     #[test]
@@ -224,7 +228,7 @@ mod tests {
             apns_headers: BTreeMap::from([("apns-topic".into(), "com.example.app".into())]),
             validate_only: true,
         };
-        let m = build_message(&r, at(1_000)).unwrap();
+        let m = build_message(r, at(1_000)).unwrap();
         let v: Value = serde_json::from_slice(&request_body(&m, true).unwrap()).unwrap();
         assert_eq!(
             v,
@@ -253,7 +257,7 @@ mod tests {
         r.high_priority = true;
         r.ttl = Some(Duration::ZERO);
         r.collapse_key = Some("k".repeat(65));
-        let m = build_message(&r, at(1_000)).unwrap();
+        let m = build_message(r, at(1_000)).unwrap();
         let v = serde_json::to_value(&m).unwrap();
         assert_eq!(v["android"]["priority"], "HIGH");
         assert_eq!(v["android"]["ttl"], "0s");
@@ -271,7 +275,7 @@ mod tests {
     fn caller_apns_headers_override_derived_ones() {
         let mut r = req();
         r.apns_headers = BTreeMap::from([("apns-priority".into(), "1".into())]);
-        let v = serde_json::to_value(build_message(&r, at(0)).unwrap()).unwrap();
+        let v = serde_json::to_value(build_message(r, at(0)).unwrap()).unwrap();
         assert_eq!(v["apns"]["headers"]["apns-priority"], "1");
         assert_eq!(v["android"]["priority"], "NORMAL");
     }

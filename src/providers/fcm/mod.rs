@@ -234,9 +234,10 @@ impl FcmSender {
     // Debug level, like the dispatcher's per-delivery span: a span per push at info is a
     // measurable share of the pipeline's CPU under the fmt subscriber.
     #[tracing::instrument(level = "debug", skip_all, fields(app = %self.inner.app_id))]
-    pub async fn send(&self, req: &FcmRequest) -> PushOutcome {
+    pub async fn send(&self, req: FcmRequest) -> PushOutcome {
+        let validate_only = req.validate_only;
         let body = match message::build_message(req, SystemTime::now())
-            .and_then(|m| message::request_body(&m, req.validate_only))
+            .and_then(|m| message::request_body(&m, validate_only))
         {
             Ok(body) => bytes::Bytes::from(body),
             Err(reason) => return PushOutcome::Permanent { reason },
