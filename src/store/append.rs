@@ -128,3 +128,19 @@ macro_rules! impl_append {
 }
 
 pub(super) use impl_append;
+
+/// Per user of a batch of events, how many it has (sorted by user: the order every writer locks
+/// counters in), and each event's place among its user's, from 1: what both engines' one-statement
+/// appends number updates by.
+pub(super) fn places<'a>(
+    events: &[(&'a str, &crate::updates::NewUpdate)],
+) -> (std::collections::BTreeMap<&'a str, i64>, Vec<i64>) {
+    let mut counts = std::collections::BTreeMap::new();
+    let mut places = Vec::with_capacity(events.len());
+    for (user, _) in events {
+        let n = counts.entry(*user).or_default();
+        *n += 1;
+        places.push(*n);
+    }
+    (counts, places)
+}

@@ -187,17 +187,11 @@ impl PgStore {
         // for a window function: 10% of the statement's time in EXPLAIN ANALYZE): per user, how
         // many updates, and for each update how many of its user's follow it, so that its seq
         // is the bumped counter minus that.
-        let mut counts: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
-        let mut places = Vec::with_capacity(events.len());
-        for user in &users {
-            let n = counts.entry(*user).or_default();
-            *n += 1;
-            places.push(*n);
-        }
+        let (counts, places) = super::append::places(events);
         let behind: Vec<i64> = users
             .iter()
             .zip(&places)
-            .map(|(user, place)| counts.get(user).copied().unwrap_or(*place) - place)
+            .map(|(user, place)| counts.get(user).map_or(0, |n| n - place))
             .collect();
         let (distinct, per_user): (Vec<&str>, Vec<i64>) = counts.into_iter().unzip();
         let kinds: Vec<&str> = events.iter().map(|(_, u)| u.kind.as_str()).collect();

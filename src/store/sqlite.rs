@@ -211,16 +211,9 @@ impl SqliteStore {
         now: DateTime<Utc>,
         handoff: Option<&super::Handoff>,
     ) -> Result<Option<super::Appended>, StoreError> {
-        use std::collections::{BTreeMap, HashMap};
+        use std::collections::HashMap;
         let json = |e: serde_json::Error| StoreError::Corrupt(format!("append batch: {e}"));
-        // Per user: how many updates, and each update's place among them (1-based).
-        let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
-        let mut places = Vec::with_capacity(events.len());
-        for (user, _) in events {
-            let n = counts.entry(*user).or_default();
-            *n += 1;
-            places.push(*n);
-        }
+        let (counts, places) = super::append::places(events);
         let ids: Vec<uuid::Uuid> = events.iter().map(|_| uuid::Uuid::now_v7()).collect();
         // Each row a JSON array (a tuple serializes as one), data and notification inline as
         // JSON: the query stores the JSON text `->` gives back for them, so nothing is escaped
