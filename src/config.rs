@@ -141,6 +141,16 @@ pub struct DispatchConfig {
     pub lease_secs: u64,
     /// Fallback poll interval, milliseconds.
     pub poll_interval_ms: u64,
+    /// Hours a finished delivery's record (sent, failed, dropped) is kept; its update stays
+    /// for the update log's retention.
+    pub outcome_retention_hours: u64,
+}
+
+impl DispatchConfig {
+    /// How long the records of finished deliveries are kept.
+    pub fn outcome_retention(&self) -> Duration {
+        Duration::from_secs(self.outcome_retention_hours.saturating_mul(3_600))
+    }
 }
 
 /// `[updates]`
@@ -345,6 +355,12 @@ impl Config {
         if !(1..=MAX_RETENTION_DAYS).contains(&self.updates.retention_days) {
             return Err(ConfigError(format!(
                 "updates.retention_days: must be 1 to {MAX_RETENTION_DAYS}"
+            )));
+        }
+        if self.dispatch.outcome_retention_hours > MAX_RETENTION_DAYS * 24 {
+            return Err(ConfigError(format!(
+                "dispatch.outcome_retention_hours: must be 0 to {}",
+                MAX_RETENTION_DAYS * 24
             )));
         }
         if !(1..=MAX_PURGE_INTERVAL_SECS).contains(&self.updates.purge_interval_secs) {

@@ -18,7 +18,7 @@ use crate::queue::wakeup::listen_postgres;
 use crate::queue::{Backoff, Wakeup, Workers};
 use crate::store::postgres::{JOBS_CHANNEL, UPDATES_CHANNEL};
 use crate::store::{self, Engine, Store};
-use crate::updates::run_retention;
+use crate::updates::{Retention, run_retention};
 
 /// Why a node could not start; each message is one line an operator can act on.
 #[derive(Debug, thiserror::Error)]
@@ -190,8 +190,12 @@ pub async fn start(
     let owner = format!("node:{}", uuid::Uuid::now_v7());
     let workers = Workers::new(store.clone(), registry, config.queue.clone(), wakeup, owner);
     tasks.spawn(workers.run(shutdown.clone()));
-    let (keep, every) = (config.updates.retention(), config.updates.purge_interval());
-    tasks.spawn(run_retention(store.clone(), keep, every, shutdown.clone()));
+    let retention = Retention {
+        updates: config.updates.retention(),
+        outcomes: config.dispatch.outcome_retention(),
+        every: config.updates.purge_interval(),
+    };
+    tasks.spawn(run_retention(store.clone(), retention, shutdown.clone()));
     let app = api::router(
         state,
         config.http.body_limit,

@@ -73,17 +73,35 @@ const FIRST_PURGE_DELAY: Duration = Duration::from_secs(5);
 /// Longest period between purges the loop accepts (a year).
 const MAX_PERIOD: Duration = Duration::from_secs(365 * 86_400);
 
-/// Purge updates older than `retention` every `every` until `shutdown`; failures are logged
-/// and retried at the next interval.
+/// What the retention task keeps, and how often it purges.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// How long an update stays in its user's log.
+    pub updates: Duration,
+    /// How long a finished delivery's record stays (never longer than its update).
+    pub outcomes: Duration,
+    /// Time between purges.
+    pub every: Duration,
+}
+
+/// `now - keep`, or none when that reaches past the calendar's start (nothing is that old).
+fn older_than(keep: Duration) -> Option<chrono::DateTime<Utc>> {
+    chrono::TimeDelta::from_std(keep)
+        .ok()
+        .and_then(|keep| Utc::now().checked_sub_signed(keep))
+}
+
+/// Purge what `retention` no longer keeps, every `retention.every`, until `shutdown`: updates
+/// (with their deliveries) past the log's retention, then finished deliveries' records past
+/// theirs. Failures are logged and retried at the next interval.
 pub async fn run_retention(
     store: Arc<dyn Store>,
-    retention: Duration,
-    every: Duration,
+    retention: Retention,
     shutdown: CancellationToken,
 ) {
     // A zero period would make `interval_at` panic and a huge one overflow its arithmetic;
     // configuration forbids both, this keeps the function safe on its own.
-    let every = every.clamp(Duration::from_millis(1), MAX_PERIOD);
+    let every = retention.every.clamp(Duration::from_millis(1), MAX_PERIOD);
     let first = tokio::time::Instant::now() + FIRST_PURGE_DELAY.min(every);
     let mut ticks = tokio::time::interval_at(first, every);
     // After a slow purge the next one waits a full interval rather than running back to back.
@@ -93,22 +111,31 @@ pub async fn run_retention(
             _ = shutdown.cancelled() => break,
             _ = ticks.tick() => {}
         }
-        let Some(before) = chrono::TimeDelta::from_std(retention)
-            .ok()
-            .and_then(|keep| Utc::now().checked_sub_signed(keep))
-        else {
-            // A retention reaching past the calendar's start: nothing can be old enough.
-            continue;
-        };
-        // A purge in progress is not interrupted by shutdown: it is one short transaction.
-        match store.purge(before).await {
-            Ok(0) => tracing::debug!(%before, "retention: nothing to purge"),
-            Ok(purged) => {
-                metrics::counter!("herald_purged_total").increment(purged);
-                tracing::info!(purged, %before, "retention: purged old updates and deliveries");
+        // A purge in progress is not interrupted by shutdown: it is a series of short
+        // statements, and what it has not reached waits for the next run.
+        if let Some(before) = older_than(retention.updates) {
+            match store.purge(before).await {
+                Ok(0) => tracing::debug!(%before, "retention: no update to purge"),
+                Ok(purged) => {
+                    metrics::counter!("herald_purged_total").increment(purged);
+                    tracing::info!(purged, %before, "retention: purged old updates and deliveries");
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "retention: purge failed; retrying next interval")
+                }
             }
-            Err(err) => {
-                tracing::warn!(error = %err, "retention: purge failed; retrying next interval")
+        }
+        if let Some(before) = older_than(retention.outcomes.min(retention.updates)) {
+            match store.purge_outcomes(before).await {
+                Ok(0) => tracing::debug!(%before, "retention: no delivery record to purge"),
+                Ok(purged) => {
+                    metrics::counter!("herald_purged_outcomes_total").increment(purged);
+                    tracing::info!(purged, %before, "retention: purged finished deliveries' records");
+                }
+                Err(err) => tracing::warn!(
+                    error = %err,
+                    "retention: delivery record purge failed; retrying next interval"
+                ),
             }
         }
     }
@@ -142,8 +169,11 @@ mod tests {
         // Zero retention: everything already written is old enough.
         let task = tokio::spawn(run_retention(
             store.clone(),
-            Duration::ZERO,
-            Duration::from_millis(20),
+            Retention {
+                updates: Duration::ZERO,
+                outcomes: Duration::ZERO,
+                every: Duration::from_millis(20),
+            },
             shutdown.clone(),
         ));
         let deadline = std::time::Instant::now() + Duration::from_secs(5);

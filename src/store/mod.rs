@@ -36,6 +36,10 @@ pub use outbox::{
     Acked, Appended, DeliveryOutcome, DeliveryResult, DueDelivery, Handoff, HandoffSink, Outbox,
 };
 pub use postgres::PgStore;
+/// PostgreSQL's hot statements, for the plan checks in the test suite (tests/plans.rs).
+pub mod pg_statements {
+    pub use super::postgres::{APPEND_EVENTS, CLAIM_DELIVERIES, CLAIM_JOBS, RECORD_SENT};
+}
 pub use row_hint::RowHint;
 pub use sqlite::SqliteStore;
 

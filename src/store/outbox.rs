@@ -207,8 +207,14 @@ pub trait Outbox: Send + Sync + 'static {
     /// Updates each of the user's devices has not acknowledged.
     async fn unseen_counts(&self, user_id: &str) -> Result<HashMap<Uuid, i64>, StoreError>;
 
-    /// Delete updates older than `before`, and with them their deliveries; returns how many updates.
+    /// Delete updates older than `before`, and with them their deliveries; returns how many
+    /// updates. Runs in bounded batches, so writers are never held up for long.
     async fn purge(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
+
+    /// Delete the records of finished deliveries (sent, failed, dropped) of updates older than
+    /// `before`, keeping the updates themselves; returns how many records. Pending and
+    /// in-flight deliveries stay. Runs in bounded batches.
+    async fn purge_outcomes(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
 
     /// Pending or in-flight deliveries (a gauge for /metrics and tests).
     async fn pending_deliveries(&self) -> Result<i64, StoreError>;
@@ -230,6 +236,43 @@ pub(super) const LAST_PUSH_RESOLUTION: chrono::Duration = chrono::Duration::seco
 pub(super) fn first_id_at(at: DateTime<Utc>) -> Uuid {
     let millis = u64::try_from(at.timestamp_millis()).unwrap_or(0);
     uuid::Builder::from_unix_timestamp_millis(millis, &[0; 10]).into_uuid()
+}
+
+/// Rows one purge statement deletes: small enough that the writer (SQLite has one) is held
+/// for milliseconds, not for the whole backlog of a retention window.
+pub(super) const PURGE_BATCH: i64 = 2_000;
+
+/// Run `sql` (a delete of at most `$2` rows with an id below `$1`) until it deletes fewer than
+/// a batch; each statement commits on its own. `rows` reads the engine's count of rows
+/// affected. Returns the rows deleted.
+pub(super) async fn delete_in_batches<'e, DB, E>(
+    executor: E,
+    sql: &'static str,
+    bound: Uuid,
+    rows: fn(&DB::QueryResult) -> u64,
+) -> Result<u64, StoreError>
+where
+    DB: sqlx::Database,
+    E: sqlx::Executor<'e, Database = DB> + Copy,
+    Uuid: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i64: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
+{
+    let mut deleted = 0;
+    loop {
+        let done = sqlx::query::<DB>(sql)
+            .bind(bound)
+            .bind(PURGE_BATCH)
+            .execute(executor)
+            .await?;
+        let n = rows(&done);
+        deleted += n;
+        if n < PURGE_BATCH as u64 {
+            return Ok(deleted);
+        }
+        // Let the writes queued behind this one through before the next batch.
+        tokio::task::yield_now().await;
+    }
 }
 
 /// Rows per statement when recording a batch: the largest power of two up to `left` (at most
@@ -518,21 +561,24 @@ macro_rules! impl_outbox {
             }
 
             async fn purge(&self, before: chrono::DateTime<chrono::Utc>) -> Result<u64, super::StoreError> {
-                // Deliveries, finished or not, go with their update (explicitly: PostgreSQL keeps
-                // no foreign key from deliveries to updates). Both by id range: see
+                // Deliveries, finished or not, go with their update (explicitly: neither engine
+                // keeps a foreign key from deliveries to updates), first, so that a purge cut
+                // short leaves no delivery without its update. Both by id range: see
                 // `first_id_at`.
                 let bound = super::outbox::first_id_at(before);
-                let mut tx = self.writer().begin().await?;
                 for sql in Self::PURGE_DELIVERIES {
-                    sqlx::query(*sql).bind(bound).execute(&mut *tx).await?;
+                    super::outbox::delete_in_batches(self.writer(), sql, bound, Self::rows_affected).await?;
                 }
-                let updates = sqlx::query("DELETE FROM updates WHERE id < $1")
-                    .bind(bound)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                tx.commit().await?;
-                Ok(updates)
+                super::outbox::delete_in_batches(self.writer(), Self::PURGE_UPDATES, bound, Self::rows_affected).await
+            }
+
+            async fn purge_outcomes(&self, before: chrono::DateTime<chrono::Utc>) -> Result<u64, super::StoreError> {
+                let bound = super::outbox::first_id_at(before);
+                let mut purged = 0;
+                for sql in Self::PURGE_OUTCOMES {
+                    purged += super::outbox::delete_in_batches(self.writer(), sql, bound, Self::rows_affected).await?;
+                }
+                Ok(purged)
             }
 
             fn appended(&self) -> std::sync::Arc<tokio::sync::Notify> {
@@ -543,7 +589,8 @@ macro_rules! impl_outbox {
                 // Two counts, each over its partial index, instead of a scan of every delivery.
                 Ok(sqlx::query_scalar(
                     "SELECT (SELECT count(*) FROM deliveries WHERE status = 'pending') \
-                     + (SELECT count(*) FROM deliveries WHERE status = 'sending')",
+                     + (SELECT count(*) FROM deliveries WHERE status = 'sending' \
+                     AND lease_expires_at IS NOT NULL)",
                 )
                 .fetch_one(self.reader())
                 .await?)

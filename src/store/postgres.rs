@@ -25,6 +25,71 @@ pub const UPDATES_CHANNEL: &str = "herald_updates";
 /// NOTIFY channel announcing new or requeued jobs.
 pub const JOBS_CHANNEL: &str = "herald_jobs";
 
+/// Claim due jobs: `$1` owner, `$2` lease end, `$3` now, `$4` most rows, `$5` kinds.
+/// `herald_claim_jobs` (migration 0011) picks the rows in due order, skipping what other nodes
+/// hold, and leases them, with a plan that no table statistics can change.
+pub const CLAIM_JOBS: &str = "SELECT id, user_id, kind, input, attempts, max_attempts, lease_expires_at \
+     FROM herald_claim_jobs($1, $2, $3, $4, $5)";
+
+/// Claim due deliveries and read them back with their update and device, oldest update first:
+/// `$1` owner, `$2` lease end, `$3` now, `$4` most rows. `herald_claim_deliveries` (migration
+/// 0011) picks rows by address (locked first, skipping what other nodes hold) with a plan no
+/// table statistics can change, and never looks rows up by lease owner through the in-flight
+/// index, which holds an entry for every delivery sent since the last vacuum. Deliveries carry
+/// no foreign keys (migration 0005), so a device deleted while an update for its user was being
+/// appended can leave one behind: the claim drops it instead of sending it.
+pub const CLAIM_DELIVERIES: &str = "SELECT p.update_id, p.device_id, p.user_id, p.attempts, \
+     v.platform, v.token, v.environment, v.app_id, u.seq, u.type AS kind, u.tracking_id, \
+     u.status AS update_status, u.data, u.notification, u.created_at, p.row_id \
+     FROM herald_claim_deliveries($1, $2, $3, $4) \
+     AS p (update_id, device_id, user_id, attempts, status, row_id) \
+     JOIN updates u ON u.id = p.update_id JOIN devices v ON v.id = p.device_id \
+     WHERE p.status = 'sending' ORDER BY u.created_at";
+
+/// Append a batch of published events with their deliveries, NOTIFY included (see
+/// `PgStore::append_updates_at_once` for the parameters).
+pub const APPEND_EVENTS: &str = "WITH ev AS (SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[], \
+             $6::text[], $7::text[], $15::int8[]) AS t(id, user_id, type, tracking_id, status, data, notification, behind)), \
+             bumped AS (INSERT INTO user_seqs (user_id, last_seq) \
+             SELECT * FROM UNNEST($16::text[], $17::int8[]) AS c(user_id, n) ORDER BY user_id \
+             ON CONFLICT (user_id) DO UPDATE SET last_seq = user_seqs.last_seq + excluded.last_seq \
+             RETURNING user_id, last_seq), \
+             numbered AS (SELECT ev.*, b.last_seq - ev.behind AS seq FROM ev JOIN bumped b USING (user_id)), \
+             inserted AS (INSERT INTO updates (id, user_id, seq, type, tracking_id, status, data, notification, created_at) \
+             SELECT id, user_id, seq, type, tracking_id, status, data::json, notification::json, $8 FROM numbered \
+             RETURNING id, user_id, seq), \
+             targets AS (SELECT i.id AS update_id, v.* FROM inserted i CROSS JOIN LATERAL \
+             (SELECT id, user_id, platform, token, environment, app_id FROM devices \
+             WHERE user_id = i.user_id AND status = 'active' OFFSET 0) v), \
+             outbox AS (INSERT INTO deliveries (update_id, device_id, user_id, status, attempts, lease_owner, lease_expires_at, \
+             next_attempt_at, created_at, updated_at) SELECT update_id, id, user_id, $10, $11, $12::text, $13::timestamptz, $8, $8, $8 \
+             FROM targets RETURNING update_id, device_id, ctid AS row_id), \
+             announce AS (SELECT CASE WHEN $14 THEN pg_notify($9, '') END AS notified) \
+             SELECT i.id, i.seq, t.id, t.platform, t.token, t.environment, t.app_id, o.row_id \
+             FROM inserted i LEFT JOIN targets t ON t.update_id = i.id \
+             LEFT JOIN outbox o ON o.update_id = t.update_id AND o.device_id = t.id \
+             CROSS JOIN announce";
+
+/// Record a batch of Sent outcomes (see `PgStore::record_sent_at_once` for the parameters):
+/// each delivered row leaves the outbox for `sent_deliveries`, found by its address or key
+/// (no index but the primary key can serve its fence: migration 0011).
+pub const RECORD_SENT: &str = "WITH b AS (SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int[], $4::text[], $8::tid[]) \
+             AS t(update_id, device_id, attempt, provider_id, row_id)), \
+             by_row AS (DELETE FROM deliveries d USING b WHERE b.row_id IS NOT NULL AND d.ctid = b.row_id \
+             AND d.update_id = b.update_id AND d.device_id = b.device_id AND d.status = 'sending' \
+             AND d.attempts = b.attempt \
+             RETURNING d.update_id, d.device_id, d.user_id, d.attempts, d.created_at, b.provider_id), \
+             by_key AS (DELETE FROM deliveries d USING b WHERE b.row_id IS NULL AND d.update_id = b.update_id \
+             AND d.device_id = b.device_id AND d.status = 'sending' AND d.attempts = b.attempt \
+             RETURNING d.update_id, d.device_id, d.user_id, d.attempts, d.created_at, b.provider_id), \
+             logged AS (INSERT INTO sent_deliveries (update_id, device_id, user_id, attempts, \
+             provider_id, created_at, sent_at) \
+             SELECT update_id, device_id, user_id, attempts, provider_id, created_at, $5 FROM by_row \
+             UNION ALL SELECT update_id, device_id, user_id, attempts, provider_id, created_at, $5 FROM by_key), \
+             touched AS (UPDATE devices SET last_push_at = $5 WHERE id = ANY($6::uuid[]) \
+             AND (last_push_at IS NULL OR last_push_at < $7)) \
+             SELECT set_config('synchronous_commit', 'off', true)";
+
 /// The PostgreSQL store.
 #[derive(Clone)]
 pub struct PgStore {
@@ -34,12 +99,32 @@ pub struct PgStore {
 }
 
 impl PgStore {
-    /// The retention purge's deletes of deliveries before an update id: open and finished
-    /// ones in the outbox, delivered ones in their log.
+    /// The retention purge's deletes of deliveries before an update id `$1`, at most `$2` rows
+    /// per statement: open and finished ones in the outbox, delivered ones in their log.
     const PURGE_DELIVERIES: &'static [&'static str] = &[
-        "DELETE FROM deliveries WHERE update_id < $1",
-        "DELETE FROM sent_deliveries WHERE update_id < $1",
+        "DELETE FROM deliveries WHERE ctid = ANY(ARRAY(\
+         SELECT ctid FROM deliveries WHERE update_id < $1 LIMIT $2))",
+        "DELETE FROM sent_deliveries WHERE ctid = ANY(ARRAY(\
+         SELECT ctid FROM sent_deliveries WHERE update_id < $1 LIMIT $2))",
     ];
+
+    /// The outcome purge's deletes of finished deliveries before an update id `$1`, at most
+    /// `$2` rows per statement: failed and dropped ones in the outbox, delivered ones in their
+    /// log.
+    const PURGE_OUTCOMES: &'static [&'static str] = &[
+        "DELETE FROM deliveries WHERE ctid = ANY(ARRAY(SELECT ctid FROM deliveries \
+         WHERE update_id < $1 AND status IN ('failed', 'dropped') LIMIT $2))",
+        "DELETE FROM sent_deliveries WHERE ctid = ANY(ARRAY(\
+         SELECT ctid FROM sent_deliveries WHERE update_id < $1 LIMIT $2))",
+    ];
+
+    /// The retention purge's delete of updates before an id `$1`, at most `$2` per statement.
+    const PURGE_UPDATES: &'static str = "DELETE FROM updates WHERE ctid = ANY(ARRAY(\
+         SELECT ctid FROM updates WHERE id < $1 LIMIT $2))";
+
+    fn rows_affected(done: &sqlx::postgres::PgQueryResult) -> u64 {
+        done.rows_affected()
+    }
 
     /// Connect a pool to `url` (no migrations are run here).
     pub async fn connect(
@@ -82,7 +167,8 @@ impl PgStore {
         self.pool.close().await;
     }
 
-    /// The one-statement claim; SKIP LOCKED lets nodes claim side by side without waiting.
+    /// The one-statement claim ([`CLAIM_JOBS`]); SKIP LOCKED lets nodes claim side by side
+    /// without waiting.
     async fn claim_rows(
         tx: &mut Transaction<'_, Postgres>,
         kinds: &[String],
@@ -91,20 +177,14 @@ impl PgStore {
         until: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> Result<Vec<ClaimRow>, sqlx::Error> {
-        sqlx::query_as(
-            "UPDATE jobs SET status = 'processing', attempts = attempts + 1, lease_owner = $1, \
-             lease_expires_at = $2, updated_at = $3 \
-             WHERE id IN (SELECT id FROM jobs WHERE status = 'pending' AND run_at <= $3 \
-                          AND kind = ANY($5) ORDER BY run_at, id LIMIT $4 FOR UPDATE SKIP LOCKED) \
-             RETURNING id, user_id, kind, input, attempts, max_attempts, lease_expires_at",
-        )
-        .bind(owner)
-        .bind(until)
-        .bind(now)
-        .bind(max)
-        .bind(kinds)
-        .fetch_all(&mut **tx)
-        .await
+        sqlx::query_as(CLAIM_JOBS)
+            .bind(owner)
+            .bind(until)
+            .bind(now)
+            .bind(max)
+            .bind(kinds)
+            .fetch_all(&mut **tx)
+            .await
     }
 
     /// One round trip for a whole batch of submissions, committed on its own (a single
@@ -220,49 +300,27 @@ impl PgStore {
         };
         // One row per delivery written (or per update without any), with what a claimed
         // delivery needs to be sent.
-        let rows: Vec<Row> = sqlx::query_as(
-            "WITH ev AS (SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[], \
-             $6::text[], $7::text[], $15::int8[]) AS t(id, user_id, type, tracking_id, status, data, notification, behind)), \
-             bumped AS (INSERT INTO user_seqs (user_id, last_seq) \
-             SELECT * FROM UNNEST($16::text[], $17::int8[]) AS c(user_id, n) ORDER BY user_id \
-             ON CONFLICT (user_id) DO UPDATE SET last_seq = user_seqs.last_seq + excluded.last_seq \
-             RETURNING user_id, last_seq), \
-             numbered AS (SELECT ev.*, b.last_seq - ev.behind AS seq FROM ev JOIN bumped b USING (user_id)), \
-             inserted AS (INSERT INTO updates (id, user_id, seq, type, tracking_id, status, data, notification, created_at) \
-             SELECT id, user_id, seq, type, tracking_id, status, data::json, notification::json, $8 FROM numbered \
-             RETURNING id, user_id, seq), \
-             targets AS (SELECT i.id AS update_id, v.* FROM inserted i CROSS JOIN LATERAL \
-             (SELECT id, user_id, platform, token, environment, app_id FROM devices \
-             WHERE user_id = i.user_id AND status = 'active' OFFSET 0) v), \
-             outbox AS (INSERT INTO deliveries (update_id, device_id, user_id, status, attempts, lease_owner, lease_expires_at, \
-             next_attempt_at, created_at, updated_at) SELECT update_id, id, user_id, $10, $11, $12::text, $13::timestamptz, $8, $8, $8 \
-             FROM targets RETURNING update_id, device_id, ctid AS row_id), \
-             announce AS (SELECT CASE WHEN $14 THEN pg_notify($9, '') END AS notified) \
-             SELECT i.id, i.seq, t.id, t.platform, t.token, t.environment, t.app_id, o.row_id \
-             FROM inserted i LEFT JOIN targets t ON t.update_id = i.id \
-             LEFT JOIN outbox o ON o.update_id = t.update_id AND o.device_id = t.id \
-             CROSS JOIN announce",
-        )
-        .bind(&ids)
-        .bind(&users)
-        .bind(&kinds)
-        .bind(&tracking)
-        .bind(&statuses)
-        .bind(&data)
-        .bind(&notifications)
-        .bind(now)
-        .bind(UPDATES_CHANNEL)
-        .bind(status)
-        .bind(attempts)
-        .bind(handoff.map(|h| h.owner.as_str()))
-        .bind(handoff.map(|h| h.until))
-        // Handed-off deliveries are this node's already: no other dispatcher need look.
-        .bind(handoff.is_none())
-        .bind(&behind)
-        .bind(&distinct)
-        .bind(&per_user)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<Row> = sqlx::query_as(APPEND_EVENTS)
+            .bind(&ids)
+            .bind(&users)
+            .bind(&kinds)
+            .bind(&tracking)
+            .bind(&statuses)
+            .bind(&data)
+            .bind(&notifications)
+            .bind(now)
+            .bind(UPDATES_CHANNEL)
+            .bind(status)
+            .bind(attempts)
+            .bind(handoff.map(|h| h.owner.as_str()))
+            .bind(handoff.map(|h| h.until))
+            // Handed-off deliveries are this node's already: no other dispatcher need look.
+            .bind(handoff.is_none())
+            .bind(&behind)
+            .bind(&distinct)
+            .bind(&per_user)
+            .fetch_all(&self.pool)
+            .await?;
         let mut seqs: std::collections::HashMap<uuid::Uuid, i64> = std::collections::HashMap::new();
         let mut devices: Vec<(uuid::Uuid, super::claimed::DeviceRow, super::RowHint)> = Vec::new();
         for (update_id, seq, device, platform, token, environment, app_id, row) in rows {
@@ -352,48 +410,23 @@ impl PgStore {
         touched.sort_unstable();
         touched.dedup();
         let touched = self.touched.stale(touched, now);
-        sqlx::query(
-            "WITH b AS (SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int[], $4::text[], $8::tid[]) \
-             AS t(update_id, device_id, attempt, provider_id, row_id)), \
-             by_row AS (DELETE FROM deliveries d USING b WHERE b.row_id IS NOT NULL AND d.ctid = b.row_id \
-             AND d.update_id = b.update_id AND d.device_id = b.device_id AND d.status = 'sending' \
-             AND d.attempts = b.attempt \
-             RETURNING d.update_id, d.device_id, d.user_id, d.attempts, d.created_at, b.provider_id), \
-             by_key AS (DELETE FROM deliveries d USING b WHERE b.row_id IS NULL AND d.update_id = b.update_id \
-             AND d.device_id = b.device_id AND d.status = 'sending' AND d.attempts = b.attempt \
-             RETURNING d.update_id, d.device_id, d.user_id, d.attempts, d.created_at, b.provider_id), \
-             logged AS (INSERT INTO sent_deliveries (update_id, device_id, user_id, attempts, \
-             provider_id, created_at, sent_at) \
-             SELECT update_id, device_id, user_id, attempts, provider_id, created_at, $5 FROM by_row \
-             UNION ALL SELECT update_id, device_id, user_id, attempts, provider_id, created_at, $5 FROM by_key), \
-             touched AS (UPDATE devices SET last_push_at = $5 WHERE id = ANY($6::uuid[]) \
-             AND (last_push_at IS NULL OR last_push_at < $7)) \
-             SELECT set_config('synchronous_commit', 'off', true)",
-        )
-        .bind(&updates)
-        .bind(&devices)
-        .bind(&attempts)
-        .bind(&provider_ids)
-        .bind(now)
-        .bind(&touched)
-        .bind(now - super::outbox::LAST_PUSH_RESOLUTION)
-        .bind(&rows)
-        .execute(&self.pool)
-        .await?;
+        sqlx::query(RECORD_SENT)
+            .bind(&updates)
+            .bind(&devices)
+            .bind(&attempts)
+            .bind(&provider_ids)
+            .bind(now)
+            .bind(&touched)
+            .bind(now - super::outbox::LAST_PUSH_RESOLUTION)
+            .bind(&rows)
+            .execute(&self.pool)
+            .await?;
         self.touched.written(&touched, now);
         Ok(true)
     }
 
     /// Claim up to `max` due deliveries under `owner` until `until` and read them back, oldest
-    /// update first, in one autocommitted statement. Rows are picked by `ctid` (locked first,
-    /// skipping what other nodes hold) so that neither the update nor the read back depends on
-    /// a join plan, nor looks rows up by lease owner through the in-flight index, which holds
-    /// an entry for every delivery sent since the last vacuum (measured on a 100,000-push run:
-    /// 11 ms per lookup, two per claim).
-    ///
-    /// Deliveries carry no foreign keys (migration 0005: their checks cost a fifth of the
-    /// server's CPU per push), so a device deleted while an update for its user was being
-    /// appended can leave one behind: the claim drops it instead of sending it.
+    /// update first, in one autocommitted statement ([`CLAIM_DELIVERIES`]).
     async fn claim_due(
         &self,
         max: i64,
@@ -401,33 +434,13 @@ impl PgStore {
         until: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> Result<Vec<super::DueDelivery>, StoreError> {
-        let rows: Vec<super::claimed::DueRow> = sqlx::query_as(
-            "WITH picked AS (UPDATE deliveries d SET \
-             status = CASE WHEN v.id IS NULL THEN 'dropped' ELSE 'sending' END, \
-             attempts = d.attempts + CASE WHEN v.id IS NULL THEN 0 ELSE 1 END, \
-             lease_owner = CASE WHEN v.id IS NULL THEN NULL ELSE $1::text END, \
-             lease_expires_at = CASE WHEN v.id IS NULL THEN NULL ELSE $2::timestamptz END, \
-             last_error = CASE WHEN v.id IS NULL THEN 'device deleted' ELSE d.last_error END, \
-             updated_at = $3 \
-             FROM (SELECT dd.ctid AS row_id, dd.device_id FROM deliveries dd \
-                   WHERE dd.ctid = ANY(ARRAY(SELECT ctid FROM deliveries WHERE status = 'pending' \
-                   AND next_attempt_at <= $3 ORDER BY next_attempt_at LIMIT $4 FOR UPDATE SKIP LOCKED))) c \
-             LEFT JOIN devices v ON v.id = c.device_id \
-             WHERE d.ctid = c.row_id AND d.status = 'pending' \
-             RETURNING d.update_id, d.device_id, d.user_id, d.attempts, d.status, \
-             v.platform, v.token, v.environment, v.app_id, d.ctid AS row_id) \
-             SELECT p.update_id, p.device_id, p.user_id, p.attempts, p.platform, p.token, p.environment, \
-             p.app_id, u.seq, u.type AS kind, u.tracking_id, u.status AS update_status, u.data, \
-             u.notification, u.created_at, p.row_id \
-             FROM picked p JOIN updates u ON u.id = p.update_id \
-             WHERE p.status = 'sending' ORDER BY u.created_at",
-        )
-        .bind(owner)
-        .bind(until)
-        .bind(now)
-        .bind(max)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<super::claimed::DueRow> = sqlx::query_as(CLAIM_DELIVERIES)
+            .bind(owner)
+            .bind(until)
+            .bind(now)
+            .bind(max)
+            .fetch_all(&self.pool)
+            .await?;
         rows.into_iter().map(|row| row.into_due(until)).collect()
     }
 

@@ -306,9 +306,10 @@ impl From<UpdateRow> for Update {
 
 /// What was still to be sent to a device that is going away, one statement per index that
 /// finds it: pending deliveries by device (deliveries_device_pending_idx), in-flight ones among
-/// the in-flight (deliveries_sending_idx). Its finished deliveries stay until the retention purge
+/// the in-flight (the index partial on the lease; on SQLite, on the status). Its finished deliveries stay until the retention purge
 /// takes them with their updates (no foreign keys on deliveries: migrations 0005).
 pub(super) const DELETE_OPEN_DELIVERIES: [&str; 2] = [
     "DELETE FROM deliveries WHERE device_id = $1 AND status = 'pending'",
-    "DELETE FROM deliveries WHERE device_id = $1 AND status = 'sending'",
+    "DELETE FROM deliveries WHERE device_id = $1 AND status = 'sending' \
+     AND lease_expires_at IS NOT NULL",
 ];

@@ -87,10 +87,25 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// The retention purge's delete of deliveries before an update id (delivered ones stay in
-    /// the outbox, marked sent).
-    const PURGE_DELIVERIES: &'static [&'static str] =
-        &["DELETE FROM deliveries WHERE update_id < $1"];
+    /// The retention purge's delete of deliveries before an update id `$1` (delivered ones
+    /// stay in the outbox, marked sent), at most `$2` rows per statement.
+    const PURGE_DELIVERIES: &'static [&'static str] = &["DELETE FROM deliveries WHERE rowid IN \
+         (SELECT rowid FROM deliveries WHERE update_id < $1 LIMIT $2)"];
+
+    /// The outcome purge's delete of finished deliveries before an update id `$1`, at most
+    /// `$2` rows per statement.
+    const PURGE_OUTCOMES: &'static [&'static str] = &[
+        "DELETE FROM deliveries WHERE rowid IN (SELECT rowid FROM deliveries \
+         WHERE update_id < $1 AND status IN ('sent', 'failed', 'dropped') LIMIT $2)",
+    ];
+
+    /// The retention purge's delete of updates before an id `$1`, at most `$2` per statement.
+    const PURGE_UPDATES: &'static str =
+        "DELETE FROM updates WHERE rowid IN (SELECT rowid FROM updates WHERE id < $1 LIMIT $2)";
+
+    fn rows_affected(done: &sqlx::sqlite::SqliteQueryResult) -> u64 {
+        done.rows_affected()
+    }
 
     /// Open (creating if missing) the database file named by `url`.
     pub async fn connect(
