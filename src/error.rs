@@ -132,6 +132,9 @@ impl ApiError {
     }
 }
 
+/// `Retry-After` of a 503.
+pub const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 1;
+
 /// Build a problem response with the given status and detail.
 pub fn problem_response(
     status: StatusCode,
@@ -160,6 +163,9 @@ impl IntoResponse for ApiError {
         let slug = self.slug();
         let retry_after = match self {
             Self::RateLimited(secs) => Some(secs),
+            // A dependency that is down now (a database restarting or failing over) is
+            // usually back within seconds; clients that honour this spread their retries.
+            Self::Unavailable(_) => Some(UNAVAILABLE_RETRY_AFTER_SECS),
             _ => None,
         };
         let unauthorized = matches!(self, Self::Unauthorized(_));

@@ -169,3 +169,103 @@ async fn readyz_is_503_when_postgres_is_gone() {
     );
     admin.close().await;
 }
+
+/// Database trouble is a 503 with `Retry-After`, never a 500: PostgreSQL terminating the
+/// node's backends (an administrator, a restart, a failover) and then refusing new connections.
+/// Once it serves again, so does the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_outages_answer_503_with_retry_after() {
+    let base = common::pg_base_url();
+    let name = format!("herald_outage_{}", uuid::Uuid::new_v4().simple());
+    let admin = sqlx::PgPool::connect(&base)
+        .await
+        .expect("PostgreSQL must be running for this test");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let mut url = url::Url::parse(&base).unwrap();
+    url.set_path(&name);
+    let url = url.to_string();
+    let app = TestApp::spawn_with(Engine::Sqlite, |c| {
+        c.database.url = herald::config::Secret::new(url.clone());
+        c.database.acquire_timeout_secs = 1;
+    })
+    .await;
+    let device = serde_json::json!({"platform": "fcm", "token": "outage-token-1"});
+    assert_eq!(
+        app.post("/v1/devices", "alice", device.clone())
+            .await
+            .status(),
+        201
+    );
+    let terminate = format!(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+    );
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    let mut check = |response: &reqwest::Response, phase: &str| {
+        let status = response.status().as_u16();
+        *statuses.entry(status).or_default() += 1;
+        assert_ne!(status, 500, "{phase}: a 500 for database trouble");
+        if status == 503 {
+            assert!(
+                response.headers().contains_key("retry-after"),
+                "{phase}: a 503 without Retry-After"
+            );
+        }
+    };
+    // Backends terminated under the pool, again and again.
+    for _ in 0..5 {
+        sqlx::query(sqlx::AssertSqlSafe(terminate.clone()))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let listed = app.get("/v1/devices", "alice").await;
+        check(&listed, "terminated backends");
+        let registered = app.post("/v1/devices", "alice", device.clone()).await;
+        check(&registered, "terminated backends");
+    }
+    // New connections refused.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE {name} ALLOW_CONNECTIONS false"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(terminate.clone()))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let refused = app.get("/v1/devices", "alice").await;
+    assert_eq!(refused.status(), 503, "connections refused");
+    check(&refused, "connections refused");
+    // Back again.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE {name} ALLOW_CONNECTIONS true"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let listed = app.get("/v1/devices", "alice").await;
+        check(&listed, "recovery");
+        if listed.status() == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never recovered: {statuses:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(app);
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE {name} WITH (FORCE)"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+    admin.close().await;
+}

@@ -64,15 +64,75 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Classify a sqlx error: pool and I/O trouble means "unavailable", not "broken".
+    /// Classify a sqlx error: the database being unreachable, restarting, failing over or out
+    /// of connections means "unavailable" (retry later), not "broken".
     pub(crate) fn from_sqlx(err: sqlx::Error) -> Self {
-        match err {
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-                Self::Unavailable(err)
-            }
-            other => Self::Database(other),
+        if is_unavailable(&err) {
+            Self::Unavailable(err)
+        } else {
+            Self::Database(err)
         }
     }
+}
+
+/// Whether `err` says the database cannot serve now, rather than that the request or the
+/// data is wrong.
+fn is_unavailable(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            if db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some()
+            {
+                db.code().is_some_and(|code| pg_unavailable(&code))
+            } else if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                db.code().is_some_and(|code| sqlite_unavailable(&code))
+            } else {
+                false
+            }
+        }
+        _ => false,
+    }
+}
+
+/// PostgreSQL SQLSTATEs of a server that cannot serve this node now: connection exceptions
+/// (class 08), administrator shutdown or termination and "cannot connect now" (57P01-57P03),
+/// insufficient resources (class 53: too many connections, out of memory or disk), a read-only
+/// transaction (25006: a standby after failover, before the new primary is found), and the
+/// refusals of a new connection: the database not accepting connections (55000), gone (3D000)
+/// or refusing the node's credentials (class 28). The last ones need an operator, but to a
+/// client they are the same: not now, retry later (and /readyz says so).
+fn pg_unavailable(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("53")
+        || code.starts_with("28")
+        || matches!(
+            code,
+            "57P01" | "57P02" | "57P03" | "25006" | "55000" | "3D000"
+        )
+}
+
+/// SQLite result codes (sqlx gives the extended code; its low byte is the primary one) of a
+/// database that cannot serve now: busy or locked past the busy timeout, I/O error, disk full,
+/// cannot open, read-only file.
+fn sqlite_unavailable(code: &str) -> bool {
+    const BUSY: i64 = 5;
+    const LOCKED: i64 = 6;
+    const READONLY: i64 = 8;
+    const IOERR: i64 = 10;
+    const FULL: i64 = 13;
+    const CANTOPEN: i64 = 14;
+    code.parse::<i64>().is_ok_and(|extended| {
+        matches!(
+            extended & 0xff,
+            BUSY | LOCKED | READONLY | IOERR | FULL | CANTOPEN
+        )
+    })
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -95,6 +155,31 @@ impl From<StoreError> for crate::error::ApiError {
                 )
             }
             other => crate::error::ApiError::internal(other),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{pg_unavailable, sqlite_unavailable};
+
+    #[test]
+    fn server_trouble_is_unavailable_and_bad_data_is_not() {
+        for code in [
+            "08006", "08001", "57P01", "57P02", "57P03", "53300", "53100", "25006",
+        ] {
+            assert!(pg_unavailable(code), "{code}");
+        }
+        for code in ["23505", "22P05", "22021", "42P01", "40001", "XX000"] {
+            assert!(!pg_unavailable(code), "{code}");
+        }
+        // SQLITE_BUSY, SQLITE_BUSY_SNAPSHOT (517), SQLITE_IOERR_FSYNC (1034), SQLITE_FULL.
+        for code in ["5", "517", "1034", "13", "14", "8"] {
+            assert!(sqlite_unavailable(code), "{code}");
+        }
+        // SQLITE_CONSTRAINT_UNIQUE (2067), SQLITE_CORRUPT, SQLITE_ERROR.
+        for code in ["2067", "11", "1"] {
+            assert!(!sqlite_unavailable(code), "{code}");
         }
     }
 }
