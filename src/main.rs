@@ -53,6 +53,12 @@ enum Command {
         /// Serve h2c (cleartext HTTP/2) instead of TLS with the test-only certificate.
         #[arg(long)]
         plaintext: bool,
+        /// Every this many milliseconds, print one JSON line to stdout: requests answered and
+        /// answered 200 so far, and the publish → push lag (p50/p99/max and a histogram) of
+        /// the pushes since the previous line, read from a unix-microsecond timestamp at
+        /// `data.t` of the event. For load generators in another process (benches/soak).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        stats_ms: Option<u64>,
     },
     /// Run a fake FCM (with its OAuth token endpoint) on 127.0.0.1, trusting the test-only
     /// service account in fixtures/.
@@ -93,9 +99,17 @@ fn main() -> ExitCode {
 
 async fn run(command: Command, mut config: Config) -> Result<(), String> {
     match command {
-        Command::FakeApns { port, plaintext } => {
+        Command::FakeApns {
+            port,
+            plaintext,
+            stats_ms,
+        } => {
             let options = herald::fakes::apns::FakeApnsOptions {
                 tls: !plaintext,
+                // Nothing in this process reads the records, and at thousands of pushes a
+                // second, kept ones would be hundreds of MB over a long run.
+                max_recorded: 0,
+                stats_interval: stats_ms.map(std::time::Duration::from_millis),
                 ..Default::default()
             };
             herald::fakes::apns::run_cli(

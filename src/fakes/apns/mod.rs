@@ -15,7 +15,10 @@ use crate::providers::apns::{Clock, ProviderClaims};
 
 mod goaway;
 mod server;
+pub mod stats;
 mod verify;
+
+pub use stats::{LagHistogram, StatsLine};
 
 /// Key id of the committed test key (`fixtures/test-apns-AuthKey_TEST000001.p8`).
 pub const TEST_KEY_ID: &str = "TEST000001";
@@ -47,8 +50,13 @@ pub struct FakeApnsOptions {
     /// Clock for token ages (share it with the sender to test the 20/60-minute rules).
     pub clock: Clock,
     /// Most requests kept by [`FakeApnsHandle::requests`]; older ones are forgotten, so a
-    /// long-running `herald fake-apns` does not grow without bound.
+    /// long-running `herald fake-apns` does not grow without bound. 0 keeps none (the counts
+    /// of [`FakeApnsHandle::take_stats`] are kept either way).
     pub max_recorded: usize,
+    /// When set, the fake measures each push's publish → push lag (from `data.t`, see
+    /// [`stats`]) for [`FakeApnsHandle::take_stats`], and [`run_cli`] prints a [`StatsLine`]
+    /// this often.
+    pub stats_interval: Option<Duration>,
 }
 
 impl Default for FakeApnsOptions {
@@ -64,6 +72,7 @@ impl Default for FakeApnsOptions {
             topics: Vec::new(),
             clock: Clock::system(),
             max_recorded: 100_000,
+            stats_interval: None,
         }
     }
 }
@@ -203,6 +212,12 @@ struct Shared {
     conn_cancel: Mutex<CancellationToken>,
     requests: Mutex<VecDeque<RecordedRequest>>,
     max_recorded: usize,
+    // Answered requests, and those answered 200, since start (kept even when none are recorded).
+    answered: AtomicU64,
+    accepted: AtomicU64,
+    // The lag of the pushes since the last `take_stats`; None when not measured.
+    lags: Option<Mutex<LagHistogram>>,
+    started: Instant,
     refused: AtomicUsize,
     connections: AtomicU64,
     in_flight: AtomicUsize,
@@ -215,11 +230,26 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Shared {
     fn record(&self, request: RecordedRequest) {
+        if self.max_recorded == 0 {
+            return;
+        }
         let mut requests = lock(&self.requests);
         if requests.len() >= self.max_recorded {
             requests.pop_front();
         }
         requests.push_back(request);
+    }
+
+    /// Counts an answer; `lag_us` is the push's lag when measured and it carried a marker.
+    fn count(&self, status: u16, lag_us: Option<u64>) {
+        self.answered.fetch_add(1, Ordering::Relaxed);
+        if status != 200 {
+            return;
+        }
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+        if let (Some(lags), Some(us)) = (&self.lags, lag_us) {
+            lock(lags).record(us);
+        }
     }
 
     fn next_behaviour(&self, token: &str) -> Behaviour {
@@ -291,7 +321,13 @@ impl FakeApns {
             goaway_countdown: Mutex::default(),
             conn_cancel: Mutex::new(cancel.child_token()),
             requests: Mutex::default(),
-            max_recorded: opts.max_recorded.max(1),
+            max_recorded: opts.max_recorded,
+            answered: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
+            lags: opts
+                .stats_interval
+                .map(|_| Mutex::new(LagHistogram::default())),
+            started: Instant::now(),
             refused: AtomicUsize::new(0),
             connections: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
@@ -371,6 +407,23 @@ impl FakeApnsHandle {
         lock(&self.shared.requests).clear();
     }
 
+    /// Counts since start and the lag histogram of the pushes since the previous call (empty
+    /// unless `stats_interval` was set), which this call starts afresh.
+    pub fn take_stats(&self) -> StatsLine {
+        let lags = self
+            .shared
+            .lags
+            .as_ref()
+            .map(|l| std::mem::take(&mut *lock(l)))
+            .unwrap_or_default();
+        StatsLine::new(
+            u64::try_from(self.shared.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            self.shared.answered.load(Ordering::Relaxed),
+            self.shared.accepted.load(Ordering::Relaxed),
+            &lags,
+        )
+    }
+
     /// Streams refused without processing (above a GOAWAY's last-stream-id).
     pub fn refused(&self) -> usize {
         self.shared.refused.load(Ordering::Relaxed)
@@ -405,7 +458,8 @@ impl Drop for FakeApnsHandle {
     }
 }
 
-/// `herald fake-apns`: serve on `addr` (127.0.0.1 only) until Ctrl-C, printing the URL.
+/// `herald fake-apns`: serve on `addr` (127.0.0.1 only) until Ctrl-C, printing the URL first
+/// and then, with `stats_interval` set, one [`StatsLine`] (JSON) per interval.
 pub async fn run_cli(addr: SocketAddr, mut options: FakeApnsOptions) -> Result<(), FakeApnsError> {
     if addr.ip() != Ipv4Addr::LOCALHOST {
         return Err(FakeApnsError::Setup(format!(
@@ -413,6 +467,7 @@ pub async fn run_cli(addr: SocketAddr, mut options: FakeApnsOptions) -> Result<(
         )));
     }
     options.port = addr.port();
+    let stats_every = options.stats_interval;
     let (kid, iss) = (options.key_id.clone(), options.team_id.clone());
     let handle = FakeApns::start(options).await?;
     println!("fake APNs listening on {}", handle.url());
@@ -420,7 +475,28 @@ pub async fn run_cli(addr: SocketAddr, mut options: FakeApnsOptions) -> Result<(
     if handle.tls {
         println!("  TLS: test CA fixtures/test-ca.pem (test-only)");
     }
-    let _ = tokio::signal::ctrl_c().await;
+    // A zero interval would make tokio's interval panic: no lines then.
+    match stats_every.filter(|every| !every.is_zero()) {
+        Some(every) => {
+            let mut ticks = tokio::time::interval(every);
+            // The first tick is immediate: skip it, so every line covers a whole interval.
+            ticks.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => break,
+                    _ = ticks.tick() => {
+                        let line = serde_json::to_string(&handle.take_stats())
+                            .map_err(|e| FakeApnsError::Setup(format!("stats line: {e}")))?;
+                        // Rust's stdout flushes at each newline, even into a pipe.
+                        println!("{line}");
+                    }
+                }
+            }
+        }
+        None => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
     handle.shutdown();
     Ok(())
 }

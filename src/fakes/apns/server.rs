@@ -163,6 +163,11 @@ impl Stream {
         let shared = &self.shared;
         let (parts, body) = req.into_parts();
         let body = read_body(body).await;
+        // Read as soon as the body is in, before any scripted delay: the push has arrived.
+        let lag_us = shared
+            .lags
+            .as_ref()
+            .and_then(|_| super::stats::lag_us(&body));
         let mut checked = Checked::default();
         let verdict = shared
             .verifier
@@ -201,6 +206,7 @@ impl Stream {
             // Accept (GoAway and Delay were resolved before handing the stream over).
             _ => (200, None, Bytes::new(), None),
         };
+        shared.count(status, lag_us);
         shared.record(RecordedRequest {
             connection: self.conn_id,
             stream_id: self.stream_id,
