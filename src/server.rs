@@ -167,6 +167,10 @@ pub async fn start(
         events: events.clone(),
     };
     let mut tasks = JoinSet::new();
+    tasks.spawn(crate::telemetry::run_metrics_upkeep(
+        state.metrics.clone(),
+        shutdown.clone(),
+    ));
     if store.engine() == Engine::Postgres {
         // Other nodes announce new jobs and appended updates; relay them to this node's loops.
         let url = config.database.url.expose().to_string();
