@@ -40,6 +40,10 @@ pub use postgres::PgStore;
 pub mod pg_statements {
     pub use super::postgres::{APPEND_EVENTS, CLAIM_DELIVERIES, CLAIM_JOBS, RECORD_SENT};
 }
+/// SQLite's hot statements, for the plan checks in the test suite (tests/plans.rs).
+pub mod sqlite_statements {
+    pub use super::sqlite::RECORD_SENT_AT_ONCE;
+}
 pub use row_hint::RowHint;
 pub use sqlite::SqliteStore;
 

@@ -62,7 +62,7 @@ const APPEND_AT_ONCE: &str = "BEGIN IMMEDIATE; \
      COMMIT";
 
 /// One transaction of Sent outcomes (see `record_sent_at_once`).
-const RECORD_SENT_AT_ONCE: &str = "BEGIN IMMEDIATE; \
+pub const RECORD_SENT_AT_ONCE: &str = "BEGIN IMMEDIATE; \
      UPDATE OR FAIL deliveries SET status = 'sent', provider_id = b.value ->> 3, updated_at = $1, \
      lease_owner = NULL, lease_expires_at = NULL FROM jsonb_each($2) b \
      WHERE update_id = unhex(b.value ->> 0) AND device_id = unhex(b.value ->> 1) \
@@ -349,7 +349,8 @@ impl SqliteStore {
     }
 
     /// Claim up to `max` due deliveries under `owner` until `until`, and read them back, oldest
-    /// update first, in one JSON row (see [`Self::bump_counters`]). The single writer makes row
+    /// update first, in one JSON row (see [`Self::bump_counters`]). They are read back by their
+    /// lease, through the in-flight index (partial on the lease: migration 0008). The single writer makes row
     /// locks unnecessary; and no delivery outlives its device here although deliveries carry no
     /// foreign keys (migration 0005), as the writer runs a device's delete (which takes its
     /// open deliveries) and an append (which reads the active devices) one after the other.
@@ -379,10 +380,12 @@ impl SqliteStore {
              v.platform, v.token, v.environment, v.app_id, u.seq, u.type, \
              CASE WHEN u.tracking_id IS NULL THEN NULL ELSE hex(u.tracking_id) END, u.status, \
              json(u.data), json(u.notification), u.created_at) ORDER BY u.created_at) \
-             FROM (SELECT * FROM deliveries WHERE status = 'sending' AND lease_owner = $1) d \
+             FROM (SELECT * FROM deliveries WHERE lease_expires_at = $2 AND lease_owner = $1 \
+             AND status = 'sending') d \
              JOIN updates u ON u.id = d.update_id JOIN devices v ON v.id = d.device_id",
         )
         .bind(owner)
+        .bind(until)
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
