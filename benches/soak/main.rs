@@ -23,7 +23,9 @@
 //!    receives and prints counts and a lag histogram every second on its stdout;
 //! 5. at half time, maintenance from a connection of the bench's own: PostgreSQL, a plain
 //!    `VACUUM` of every table in `public`, one statement each; SQLite,
-//!    `PRAGMA wal_checkpoint(TRUNCATE)` then `ANALYZE`; each step timed and printed;
+//!    `PRAGMA wal_checkpoint(TRUNCATE)`, and with SOAK_SQLITE_ANALYZE=1 `ANALYZE` with
+//!    `analysis_limit` 400 (as `PRAGMA optimize` runs it: it holds the write lock for seconds
+//!    at gigabytes, so it is not the default); each step timed and printed;
 //! 6. every SOAK_REPORT_SECS a row: acknowledgments (202) per second, other answers by status,
 //!    acknowledgment p50/p99/max, pushes per second and publish → push lag p50/p99/max (from
 //!    the fake), the node's RSS, the generator's backlog, the longest stall (time with no 202
@@ -48,6 +50,8 @@
 //! Environment:
 //! - SOAK_ENGINES: `sqlite,postgres` (default), or one of them;
 //! - SOAK_SECS: length of the soak, default 600;
+//! - SOAK_MAINTENANCE_SECS: when the maintenance runs, default half of SOAK_SECS;
+//! - SOAK_SQLITE_ANALYZE: `1` adds ANALYZE to SQLite's maintenance;
 //! - SOAK_REPORT_SECS: report interval, default 30;
 //! - SOAK_RATE: events/s to offer (default: half the measured maximum);
 //! - SOAK_USERS: users, one iPhone each, default 2000;
@@ -85,6 +89,8 @@ const SECRET: &str = "soak-secret-0123456789abcdef0123456789";
 struct Settings {
     engines: Vec<String>,
     secs: u64,
+    /// When the mid-run maintenance runs, seconds into the soak.
+    maintenance_secs: u64,
     report_secs: u64,
     rate: Option<f64>,
     users: usize,
@@ -115,6 +121,7 @@ impl Settings {
                 .filter(|e| !e.is_empty())
                 .collect(),
             secs: required(env_parse("SOAK_SECS", Some(600))?, "SOAK_SECS")?,
+            maintenance_secs: 0,
             report_secs: required(env_parse("SOAK_REPORT_SECS", Some(30))?, "SOAK_REPORT_SECS")?,
             rate: env_parse::<f64>("SOAK_RATE", None)?,
             users: env_parse("SOAK_USERS", Some(2000))?.unwrap_or(2000),
@@ -147,6 +154,10 @@ impl Settings {
         if s.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
             return Err("SOAK_RATE must be a positive number of events/s".into());
         }
+        let mut s = s;
+        s.maintenance_secs = env_parse("SOAK_MAINTENANCE_SECS", Some(s.secs / 2))?
+            .unwrap_or(s.secs / 2)
+            .min(s.secs);
         Ok(s)
     }
 
@@ -448,7 +459,7 @@ async fn run_engine(engine: &str, s: &Settings) -> Result<Summary, String> {
          vacuum times below); maintenance at {} s",
         s.secs,
         chrono::Utc::now().format("%H:%M:%S UTC"),
-        s.secs / 2
+        s.maintenance_secs
     );
     report::print_header(engine);
     // Started just after a line of the fake: nothing is in flight (drained), so its count is
@@ -460,7 +471,7 @@ async fn run_engine(engine: &str, s: &Settings) -> Result<Summary, String> {
     let open = OpenLoop::start(&target, conns, rate, start, duration, recorder.clone());
     let mut totals = Totals::default();
     let mut maintenance: Option<tokio::task::JoinHandle<Result<(), String>>> = None;
-    let maintenance_at = start + duration / 2;
+    let maintenance_at = start + Duration::from_secs(s.maintenance_secs);
     let mut prev = start;
     let mut k = 1u32;
     loop {
