@@ -15,8 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Engine, TestDb};
-use herald::config::{DatabaseConfig, Secret};
-use herald::store::{self, Store, pg_statements, sqlite_statements};
+use herald::store::{Store, pg_statements, sqlite_statements};
 use serde_json::Value;
 use sqlx::PgPool;
 
@@ -48,14 +47,7 @@ const BUFFERS_PER_ROW: i64 = 40;
 const BUFFERS_FIXED: i64 = 2_000;
 
 async fn open() -> (TestDb, Arc<dyn Store>, PgPool) {
-    let db = TestDb::new(Engine::Postgres).await;
-    let config = DatabaseConfig {
-        url: Secret::new(db.url.clone()),
-        max_connections: 4,
-        acquire_timeout_secs: 5,
-    };
-    let store = store::connect(&config).await.expect("connect");
-    store.migrate().await.expect("migrate");
+    let (db, store) = common::open_store(Engine::Postgres, 4).await;
     let raw = PgPool::connect(&db.url).await.expect("raw pool");
     (db, store, raw)
 }
@@ -425,14 +417,7 @@ async fn the_test_server_runs_autovacuum() {
 /// the whole batch for each row in it (the writer fell to a third of its rate).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_sent_batch_finds_rows_by_key_whatever_the_statistics() {
-    let db = TestDb::new(Engine::Sqlite).await;
-    let config = DatabaseConfig {
-        url: Secret::new(db.url.clone()),
-        max_connections: 2,
-        acquire_timeout_secs: 5,
-    };
-    let store = store::connect(&config).await.expect("connect");
-    store.migrate().await.expect("migrate");
+    let (db, store) = common::open_store(Engine::Sqlite, 2).await;
     let raw = sqlx::SqlitePool::connect(&db.url).await.expect("raw pool");
     // The soak's statistics, for whichever partial indexes the schema has.
     run_sqlite(&raw, "ANALYZE sqlite_schema").await;

@@ -8,21 +8,12 @@ use std::time::Duration;
 
 use chrono::Utc;
 use common::{Engine, TestDb, apns_token};
-use herald::config::{DatabaseConfig, Secret};
 use herald::devices::{ApnsEnvironment, NewDevice, Platform};
-use herald::store::{self, DeliveryOutcome, DeliveryResult, Store};
+use herald::store::{DeliveryOutcome, DeliveryResult, Store};
 use herald::updates::NewUpdate;
 
 async fn open(engine: Engine) -> (TestDb, Arc<dyn Store>) {
-    let db = TestDb::new(engine).await;
-    let config = DatabaseConfig {
-        url: Secret::new(db.url.clone()),
-        max_connections: 5,
-        acquire_timeout_secs: 5,
-    };
-    let store = store::connect(&config).await.expect("connect");
-    store.migrate().await.expect("migrate");
-    (db, store)
+    common::open_store(engine, 5).await
 }
 
 fn phone(n: u32) -> NewDevice {

@@ -71,6 +71,19 @@ impl TestDb {
     }
 }
 
+/// A migrated store on a fresh database of `engine`, for tests below the HTTP API.
+pub async fn open_store(engine: Engine, max_connections: u32) -> (TestDb, Arc<dyn Store>) {
+    let db = TestDb::new(engine).await;
+    let config = herald::config::DatabaseConfig {
+        url: Secret::new(db.url.clone()),
+        max_connections,
+        acquire_timeout_secs: 5,
+    };
+    let store = herald::store::connect(&config).await.expect("connect");
+    store.migrate().await.expect("migrate");
+    (db, store)
+}
+
 async fn connect_admin(base: &str) -> sqlx::PgPool {
     match sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
