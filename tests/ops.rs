@@ -116,11 +116,11 @@ both_engines!(
     openapi_describes_the_routes,
 );
 
-/// /readyz answers 503 while PostgreSQL is unreachable: the node's database is dropped under it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readyz_is_503_when_postgres_is_gone() {
+/// A database of its own on the test PostgreSQL, for a node whose database a test takes away:
+/// the admin pool, the database's name and its URL.
+async fn own_database(prefix: &str) -> (sqlx::PgPool, String, String) {
     let base = common::pg_base_url();
-    let name = format!("herald_ready_{}", uuid::Uuid::new_v4().simple());
+    let name = format!("herald_{prefix}_{}", uuid::Uuid::new_v4().simple());
     let admin = sqlx::PgPool::connect(&base)
         .await
         .expect("PostgreSQL must be running for this test");
@@ -130,7 +130,13 @@ async fn readyz_is_503_when_postgres_is_gone() {
         .unwrap();
     let mut url = url::Url::parse(&base).unwrap();
     url.set_path(&name);
-    let url = url.to_string();
+    (admin, name, url.to_string())
+}
+
+/// /readyz answers 503 while PostgreSQL is unreachable: the node's database is dropped under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_503_when_postgres_is_gone() {
+    let (admin, name, url) = own_database("ready").await;
     let app = TestApp::spawn_with(Engine::Sqlite, |c| {
         c.database.url = herald::config::Secret::new(url.clone());
         c.database.acquire_timeout_secs = 1;
@@ -175,18 +181,7 @@ async fn readyz_is_503_when_postgres_is_gone() {
 /// Once it serves again, so does the node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_outages_answer_503_with_retry_after() {
-    let base = common::pg_base_url();
-    let name = format!("herald_outage_{}", uuid::Uuid::new_v4().simple());
-    let admin = sqlx::PgPool::connect(&base)
-        .await
-        .expect("PostgreSQL must be running for this test");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&admin)
-        .await
-        .unwrap();
-    let mut url = url::Url::parse(&base).unwrap();
-    url.set_path(&name);
-    let url = url.to_string();
+    let (admin, name, url) = own_database("outage").await;
     let app = TestApp::spawn_with(Engine::Sqlite, |c| {
         c.database.url = herald::config::Secret::new(url.clone());
         c.database.acquire_timeout_secs = 1;

@@ -27,6 +27,7 @@ mod row_hint;
 mod rows;
 pub mod outbox;
 pub(crate) mod postgres;
+mod purge;
 mod shared;
 mod sqlite;
 mod touched;
